@@ -1,0 +1,1 @@
+"""aptune: Adaptive Pruning and Tuning for Hugging Face transformers."""
