@@ -1,0 +1,53 @@
+"""Architecture specs: where heads, FFN neurons and hidden channels live in each model family."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure
+from .bert import BertSpec
+
+SPECS: tuple[ArchSpec, ...] = (BertSpec(),)
+
+__all__ = [
+    "SPECS",
+    "ArchSpec",
+    "AttentionSite",
+    "FFNSite",
+    "HiddenSpec",
+    "ModelStructure",
+    "UnsupportedModelError",
+    "describe",
+    "get_spec",
+]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family or task head is not one aptune knows."""
+
+
+def supported() -> str:
+    return "; ".join(f"{s.family} (model types {', '.join(s.model_types)})" for s in SPECS)
+
+
+def get_spec(model: nn.Module) -> ArchSpec:
+    """The spec for ``model``, or an :class:`UnsupportedModelError` that names the supported families."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    cls = type(model).__name__
+    for spec in SPECS:
+        if model_type in spec.model_types:
+            if cls not in spec.model_classes:
+                raise UnsupportedModelError(
+                    f"aptune does not support the {cls} head yet; for the {spec.family} family it supports "
+                    f"{', '.join(spec.model_classes)}"
+                )
+            return spec
+    raise UnsupportedModelError(
+        f"aptune does not support {cls} (model type {model_type!r}); supported families: {supported()}"
+    )
+
+
+def describe(model: nn.Module) -> ModelStructure:
+    """Describe the prunable structure of a loaded Hugging Face model."""
+    return get_spec(model).describe(model)

@@ -1,0 +1,139 @@
+"""What an architecture spec tells the rest of aptune.
+
+A spec looks at a loaded Hugging Face model and describes, with references to its live modules, where the
+prunable structures are:
+
+* attention *sites* (one per attention sublayer: an encoder layer has one; a T5 decoder layer will have a
+  self-attention and a cross-attention site), each with its q/k/v/o projections, head size and head counts;
+* FFN sites, each with its up (and gate) and down projections;
+* the hidden (model) channels shared by every layer: which embeddings, projections and norms read or write
+  the residual stream, and which heads read it.
+
+Masks, the parameter budget and compaction only ask these objects; they never pattern-match module names.
+A new family (LLaMA with grouped-query attention, T5) adds a file next to ``bert.py`` and fills the same
+dataclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+# A function that replaces the output of a skipped sublayer: (module, args, kwargs, output) -> new output.
+SkipFn = Callable[[nn.Module, tuple, dict, Any], Any]
+
+
+@dataclass
+class AttentionSite:
+    """One attention sublayer.
+
+    ``block`` is the module whose output stands for the whole sublayer: when every head is pruned, aptune
+    replaces that output with ``skip(...)`` (for a post-norm BERT layer: the sublayer's input, i.e. the
+    residual passes through untouched). ``norms`` are the norms that belong to this sublayer and disappear
+    with it. ``extra_head_params`` lists (tensor owner, attribute, dim) for per-head tensors that are not
+    part of the projections (T5's relative position bias); empty for BERT.
+    """
+
+    name: str
+    layer: int
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block: nn.Module
+    skip: SkipFn
+    norms: list[nn.Module] = field(default_factory=list)
+    # set to a callable(site, num_heads, num_kv_heads) that updates bookkeeping attributes after slicing
+    on_resize: Callable[[AttentionSite, int, int], None] | None = None
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 1
+
+
+@dataclass
+class FFNSite:
+    """One feed-forward sublayer: ``down(act(up(x)) [* gate(x)])``. ``block`` and ``skip`` as for attention."""
+
+    name: str
+    layer: int
+    up: nn.Linear
+    down: nn.Linear
+    num_neurons: int
+    block: nn.Module
+    skip: SkipFn
+    gate: nn.Linear | None = None
+    norms: list[nn.Module] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list[nn.Linear]:
+        return [self.up] if self.gate is None else [self.up, self.gate]
+
+
+@dataclass
+class HiddenSpec:
+    """Everything that touches the hidden (residual-stream) channels.
+
+    * ``embeddings``: nn.Embedding modules whose weight columns are hidden channels.
+    * ``readers``: linear layers whose *input* is the hidden stream (q, k, v, FFN up/gate, task heads).
+    * ``producers``: linear layers whose *output* is (added to) the hidden stream (o, FFN down, the pooler).
+    * ``norms``: norms over the hidden channels; with a partial hidden mask their statistics use kept channels.
+    * ``mask_inputs``: modules whose *input* is multiplied by the hidden mask (the sum of embeddings before
+      the embedding norm, §3.2 of the method spec).
+    """
+
+    size: int
+    embeddings: list[nn.Embedding]
+    readers: list[nn.Linear]
+    producers: list[nn.Linear]
+    norms: list[nn.Module]
+    mask_inputs: list[nn.Module] = field(default_factory=list)
+
+
+@dataclass
+class ModelStructure:
+    """The spec's answer for one model: sites, hidden channels, and what is counted in the budget."""
+
+    family: str
+    attention: list[AttentionSite]
+    ffn: list[FFNSite]
+    hidden: HiddenSpec
+    num_layers: int
+    # Parameters outside the prunable core, reported separately by the budget (name -> module).
+    embedding_modules: dict[str, nn.Module]
+    head_modules: dict[str, nn.Module]
+
+
+class ArchSpec:
+    """Base class of a model-family spec. Subclasses fill :meth:`describe` and the config helpers."""
+
+    family: str = ""
+    #: ``config.model_type`` values handled by this spec
+    model_types: tuple[str, ...] = ()
+    #: model classes (by name) whose task heads the spec knows
+    model_classes: tuple[str, ...] = ()
+
+    def describe(self, model: nn.Module) -> ModelStructure:
+        raise NotImplementedError
+
+    def drop_attention(self, model: nn.Module, site: AttentionSite) -> None:
+        """Replace a sublayer whose heads are all pruned with a module that skips it."""
+        raise NotImplementedError
+
+    def drop_ffn(self, model: nn.Module, site: FFNSite) -> None:
+        """Replace a sublayer whose neurons are all pruned with a module that skips it."""
+        raise NotImplementedError
+
+    def update_config(self, config: Any, plan: dict) -> bool:
+        """Write the compacted sizes into ``config`` when the family's config can express them.
+
+        Returns True when a plain ``AutoModel*.from_pretrained`` rebuilds the compacted shapes from the config.
+        """
+        raise NotImplementedError

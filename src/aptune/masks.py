@@ -1,0 +1,246 @@
+"""Structural masks on stock transformers modules.
+
+Three kinds of mask, all with values in [0, 1] so that APT can decay them gradually:
+
+* one head mask per attention site (length = that site's heads): multiplies each head's attention context
+  before the output projection;
+* one neuron mask per FFN site: multiplies the FFN activation before the down projection;
+* one hidden mask shared by all layers: multiplies the embedding output, every sublayer's projected output
+  and every norm's output; norms compute their statistics over the channels whose mask is non-zero
+  (method spec §3.2).
+
+A sublayer whose mask is all zero is skipped: its output is replaced as the family's spec says (for BERT,
+the sublayer returns its input). With binary masks a masked model computes what its compacted copy computes.
+
+Masks are applied with forward hooks (:func:`apply_masks`), never with forked model code. Change mask values
+through the ``set_*`` methods: they validate the values and refresh the flags the hooks read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .arch import ModelStructure, describe
+
+
+class MaskError(ValueError):
+    """A mask has the wrong length or values outside [0, 1]."""
+
+
+def _check(values: Tensor | Sequence[float], length: int, what: str) -> Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32).detach().flatten().clone()
+    if t.numel() != length:
+        raise MaskError(f"{what} has {t.numel()} entries but must have {length}")
+    if torch.isnan(t).any() or (t < 0).any() or (t > 1).any():
+        raise MaskError(f"{what} has values outside [0, 1]: min {t.min().item():g}, max {t.max().item():g}")
+    return t
+
+
+class StructuralMasks:
+    """Head masks per attention site, neuron masks per FFN site and one hidden-channel mask."""
+
+    def __init__(self, heads: Sequence[Tensor], neurons: Sequence[Tensor], hidden: Tensor):
+        self.heads = [_check(h, len(h), f"head mask {i}") for i, h in enumerate(heads)]
+        self.neurons = [_check(n, len(n), f"neuron mask {i}") for i, n in enumerate(neurons)]
+        self.hidden = _check(hidden, len(hidden), "hidden mask")
+
+    @classmethod
+    def ones(cls, structure: ModelStructure) -> StructuralMasks:
+        """All-ones masks shaped like ``structure`` (a model's :func:`aptune.arch.describe`)."""
+        return cls(
+            heads=[torch.ones(s.num_heads) for s in structure.attention],
+            neurons=[torch.ones(s.num_neurons) for s in structure.ffn],
+            hidden=torch.ones(structure.hidden.size),
+        )
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> StructuralMasks:
+        return cls.ones(describe(model))
+
+    # -- setting values -------------------------------------------------------------------------------
+    def set_heads(self, site: int, values: Tensor | Sequence[float]) -> None:
+        self._index_check(site, self.heads, "attention site")
+        self.heads[site] = _check(values, len(self.heads[site]), f"head mask for attention site {site}")
+
+    def set_neurons(self, site: int, values: Tensor | Sequence[float]) -> None:
+        self._index_check(site, self.neurons, "FFN site")
+        self.neurons[site] = _check(values, len(self.neurons[site]), f"neuron mask for FFN site {site}")
+
+    def set_hidden(self, values: Tensor | Sequence[float]) -> None:
+        self.hidden = _check(values, len(self.hidden), "hidden mask")
+
+    @staticmethod
+    def _index_check(site: int, masks: list, what: str) -> None:
+        if not 0 <= site < len(masks):
+            raise MaskError(f"{what} {site} does not exist; the model has {len(masks)}")
+
+    # -- queries ---------------------------------------------------------------------------------------
+    def is_binary(self) -> bool:
+        return all(bool(((m == 0) | (m == 1)).all()) for m in self.all_tensors())
+
+    def all_tensors(self) -> list[Tensor]:
+        return [*self.heads, *self.neurons, self.hidden]
+
+    def validate_for(self, structure: ModelStructure) -> None:
+        """Raise :class:`MaskError` unless the masks have the lengths of ``structure``."""
+        if len(self.heads) != len(structure.attention) or len(self.neurons) != len(structure.ffn):
+            raise MaskError(
+                f"masks are for {len(self.heads)} attention and {len(self.neurons)} FFN sites, the model has "
+                f"{len(structure.attention)} and {len(structure.ffn)}"
+            )
+        for m, s in zip(self.heads, structure.attention, strict=True):
+            if len(m) != s.num_heads:
+                raise MaskError(f"head mask for {s.name} has {len(m)} entries but it has {s.num_heads} heads")
+        for m, s in zip(self.neurons, structure.ffn, strict=True):
+            if len(m) != s.num_neurons:
+                raise MaskError(
+                    f"neuron mask for {s.name} has {len(m)} entries but it has {s.num_neurons} neurons"
+                )
+        if len(self.hidden) != structure.hidden.size:
+            raise MaskError(
+                f"hidden mask has {len(self.hidden)} entries but the model has {structure.hidden.size} channels"
+            )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {f"heads.{i}": m.clone() for i, m in enumerate(self.heads)}
+        out.update({f"neurons.{i}": m.clone() for i, m in enumerate(self.neurons)})
+        out["hidden"] = self.hidden.clone()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> StructuralMasks:
+        n_heads = sum(k.startswith("heads.") for k in state)
+        n_ffn = sum(k.startswith("neurons.") for k in state)
+        return cls(
+            [state[f"heads.{i}"] for i in range(n_heads)],
+            [state[f"neurons.{i}"] for i in range(n_ffn)],
+            state["hidden"],
+        )
+
+
+# -- applying masks with hooks -------------------------------------------------------------------------
+
+
+def _norm_over_kept(norm: nn.Module, x: Tensor, kept: Tensor) -> Tensor:
+    """The norm of ``x`` with statistics over the ``kept`` channels only; other channels come out as 0."""
+    if not isinstance(norm, nn.LayerNorm):
+        raise NotImplementedError(f"hidden-channel masking does not support {type(norm).__name__} yet")
+    weight = norm.weight[kept] if norm.weight is not None else None
+    bias = norm.bias[kept] if norm.bias is not None else None
+    y = torch.zeros_like(x)
+    y[..., kept] = F.layer_norm(x[..., kept], (len(kept),), weight, bias, norm.eps)
+    return y
+
+
+class MaskHooks:
+    """The hooks that make a model obey a :class:`StructuralMasks`. Remove them with :meth:`remove`."""
+
+    def __init__(self, model: nn.Module, masks: StructuralMasks):
+        structure = describe(model)
+        masks.validate_for(structure)
+        self.model = model
+        self.masks = masks
+        self.structure = structure
+        self._handles: list = []
+        for i, site in enumerate(structure.attention):
+            if site.num_heads:
+                self._handles.append(site.o.register_forward_pre_hook(self._head_hook(i, site.head_dim)))
+                self._handles.append(
+                    site.block.register_forward_hook(
+                        self._skip_hook(self.masks.heads, i, site.skip), with_kwargs=True
+                    )
+                )
+        for i, site in enumerate(structure.ffn):
+            if site.num_neurons:
+                self._handles.append(site.down.register_forward_pre_hook(self._neuron_hook(i)))
+                self._handles.append(
+                    site.block.register_forward_hook(
+                        self._skip_hook(self.masks.neurons, i, site.skip), with_kwargs=True
+                    )
+                )
+        hidden = structure.hidden
+        for module in hidden.mask_inputs:
+            self._handles.append(module.register_forward_pre_hook(self._hidden_input_hook))
+        for module in hidden.producers:
+            self._handles.append(module.register_forward_hook(self._hidden_output_hook))
+        for module in hidden.norms:
+            self._handles.append(module.register_forward_hook(self._hidden_norm_hook))
+        model._aptune_mask_hooks = self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if getattr(self.model, "_aptune_mask_hooks", None) is self:
+            del self.model._aptune_mask_hooks
+
+    # Hooks read the *current* mask lists at call time, so set_* calls take effect without re-hooking.
+    def _head_hook(self, i: int, head_dim: int):
+        def hook(module, args):
+            mask = self.masks.heads[i]
+            if bool((mask == 1).all()):
+                return None
+            x = args[0]
+            m = mask.to(x).repeat_interleave(head_dim)
+            return (x * m, *args[1:])
+
+        return hook
+
+    def _neuron_hook(self, i: int):
+        def hook(module, args):
+            mask = self.masks.neurons[i]
+            if bool((mask == 1).all()):
+                return None
+            return (args[0] * mask.to(args[0]), *args[1:])
+
+        return hook
+
+    @staticmethod
+    def _skip_hook(mask_list: list[Tensor], i: int, skip):
+        def hook(module, args, kwargs, output):
+            if bool((mask_list[i] == 0).all()):
+                return skip(module, args, kwargs, output)
+            return None
+
+        return hook
+
+    def _hidden_full(self) -> bool:
+        return bool((self.masks.hidden == 1).all())
+
+    def _hidden_input_hook(self, module, args):
+        if self._hidden_full():
+            return None
+        return (args[0] * self.masks.hidden.to(args[0]), *args[1:])
+
+    def _hidden_output_hook(self, module, args, output):
+        if self._hidden_full():
+            return None
+        return output * self.masks.hidden.to(output)
+
+    def _hidden_norm_hook(self, module, args, output):
+        if self._hidden_full():
+            return None
+        mask = self.masks.hidden.to(output)
+        kept = torch.nonzero(mask != 0).flatten()
+        return _norm_over_kept(module, args[0], kept) * mask
+
+
+def apply_masks(model: nn.Module, masks: StructuralMasks | None = None) -> MaskHooks:
+    """Install hooks so that ``model`` obeys ``masks`` (all-ones masks when None).
+
+    Any masks applied earlier are removed first. Returns the :class:`MaskHooks`; its ``masks`` attribute
+    holds the live masks, and :func:`aptune.compact` finds them on the model.
+    """
+    old = getattr(model, "_aptune_mask_hooks", None)
+    if old is not None:
+        old.remove()
+    return MaskHooks(model, masks if masks is not None else StructuralMasks.for_model(model))
+
+
+def attached_masks(model: nn.Module) -> StructuralMasks | None:
+    hooks = getattr(model, "_aptune_mask_hooks", None)
+    return hooks.masks if hooks is not None else None
