@@ -68,7 +68,10 @@ def test_count_equals_numel_of_compacted_model(data):
     assert count_prunable(shape) == sum(p.numel() for p in counted_parameters(structure))
     report = aptune.param_report(model)
     assert report["total"] == sum(p.numel() for p in model.parameters())
-    assert report["prunable"] + report["embeddings"] + report["task_head"] == report["total"]
+    assert (
+        report["prunable"] + report["embeddings"] + report["task_head"] + report["adapters"]
+        == report["total"]
+    )
 
 
 def test_report_on_a_dense_model():
@@ -77,4 +80,24 @@ def test_report_on_a_dense_model():
     assert report["density"] == 1.0
     assert report["prunable"] == sum(p.numel() for p in model.roberta.encoder.parameters())
     assert report["task_head"] == sum(p.numel() for p in model.classifier.parameters())
-    assert report["prunable"] + report["embeddings"] + report["task_head"] == report["total"]
+    assert (
+        report["prunable"] + report["embeddings"] + report["task_head"] + report["adapters"]
+        == report["total"]
+    )
+
+
+def test_adapters_are_counted_apart():
+    from aptune.adapter import wrap_linear
+
+    model = tiny_model("BertForSequenceClassification")
+    before = aptune.param_report(model)
+    layer = model.bert.encoder.layer[0]
+    wrap_linear(layer.attention.self, "query", rank=4)
+    after = aptune.param_report(model)
+    assert after["prunable"] == before["prunable"]
+    assert after["adapters"] == 4 * (32 + 32)
+    assert after["total"] == before["total"] + after["adapters"]
+    structure = aptune.describe(model)
+    assert sum(p.numel() for p in counted_parameters(structure)) == count_prunable(
+        StructureShape.of(structure)
+    )

@@ -185,21 +185,26 @@ def counted_parameters(structure: ModelStructure) -> list[nn.Parameter]:
             modules += [s.up, s.down, *s.norms] + ([s.gate] if s.gate is not None else [])
     seen: dict[int, nn.Parameter] = {}
     for m in modules:
-        for p in m.parameters():
+        for p in _model_parameters(m):
             seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+def _model_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The module's own parameters, without adapter factors (``lora_*``), which are counted apart."""
+    return [p for name, p in module.named_parameters() if "lora_" not in name]
 
 
 def _numel(modules: dict[str, nn.Module]) -> int:
     seen: dict[int, int] = {}
     for m in modules.values():
-        for p in m.parameters():
+        for p in _model_parameters(m):
             seen[id(p)] = p.numel()
     return sum(seen.values())
 
 
 def param_report(model: nn.Module) -> dict[str, Any]:
-    """Parameter counts of a model: prunable (budgeted), embeddings, task head, total, and density.
+    """Parameter counts of a model: prunable (budgeted), embeddings, task head, adapters, total, and density.
 
     Density is the prunable count over that of the model's original (unpruned) structure, which compaction
     records on the model and :func:`aptune.load_pruned` restores.
@@ -216,5 +221,6 @@ def param_report(model: nn.Module) -> dict[str, Any]:
         "density": prunable / base_prunable if base_prunable else 1.0,
         "embeddings": _numel(structure.embedding_modules),
         "task_head": _numel(structure.head_modules),
+        "adapters": sum(p.numel() for name, p in model.named_parameters() if "lora_" in name),
         "total": sum(p.numel() for p in model.parameters()),
     }

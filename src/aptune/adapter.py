@@ -1,0 +1,229 @@
+"""The APT adapter: a frozen linear layer plus a LoRA branch whose rank can grow (method spec §2, §6).
+
+``y = W0 x + b + s * B (A x)`` with ``W0``/``b`` frozen, ``A`` (r x in) and ``B`` (out x r) trainable, and the
+scale ``s = 2`` kept fixed as the rank grows (alpha = 2r). Pruning masks are *not* part of the adapter: they
+live at model level (:mod:`aptune.masks`) and act on the wrapper like on a plain ``nn.Linear``.
+
+Structural changes (:meth:`APTLinear.grow`, :meth:`APTLinear.aptune_slice`, :func:`merge_adapters`) replace
+parameter objects, so any optimizer holding the old ones must be rebuilt afterwards (method spec §6.5).
+A model with adapters has non-standard state-dict keys (``...query.base.weight``, ``...query.lora_A``); merge the
+adapters (:func:`merge_adapters`) before saving it as a plain Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from .compact import slice_linear
+
+DEFAULT_SCALE = 2.0
+# Forward-hook registries moved from a replaced module to its replacement, so that hooks installed on the
+# linear layer (e.g. aptune's mask hooks on output projections) keep acting on the whole layer.
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _kaiming_rows(rows: int, cols: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``rows x cols`` values drawn as ``nn.Linear`` initialises weights (Kaiming-uniform, a=sqrt(5))."""
+    device = generator.device if generator is not None else like.device
+    t = torch.empty(rows, cols, device=device, dtype=torch.float32)
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Move forward hooks from ``src`` to a fresh ``dst``; existing hook handles keep working."""
+    for name in _HOOK_DICTS:
+        if hasattr(src, name):
+            setattr(dst, name, getattr(src, name))
+            setattr(src, name, OrderedDict())
+
+
+class APTLinear(nn.Module):
+    """A frozen ``nn.Linear`` (kept as ``base``, same Parameter objects) plus a growable LoRA branch.
+
+    ``weight``, ``bias``, ``in_features`` and ``out_features`` read through to ``base``, so code written for
+    ``nn.Linear`` (the architecture specs, the budget) keeps working.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int = 8,
+        scale: float = DEFAULT_SCALE,
+        dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"adapter rank must be at least 1, got {rank}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.scale = float(scale)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base.weight
+        self.lora_A = nn.Parameter(_kaiming_rows(rank, w.shape[1], w, generator))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+
+    # -- nn.Linear look-alike ----------------------------------------------------------------------------
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.base.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def alpha(self) -> float:
+        """The LoRA alpha, ``scale * rank`` (16 at rank 8)."""
+        return self.scale * self.rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.scale * ((self.dropout(x) @ self.lora_A.T) @ self.lora_B.T)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, scale={self.scale:g}"
+
+    # -- structural changes ------------------------------------------------------------------------------
+    def grow(
+        self, new_rank: int, generator: torch.Generator | None = None
+    ) -> tuple[nn.Parameter, nn.Parameter]:
+        """Raise the rank to ``new_rank`` without changing the layer's function (method spec §2.3).
+
+        New rows of ``A`` are Kaiming-uniform, new columns of ``B`` are zero, old values are copied exactly and
+        the scale stays the same. Returns the new ``(lora_A, lora_B)``; they replace the old Parameter objects,
+        so the optimizer must be rebuilt. ``new_rank == rank`` changes nothing.
+        """
+        if new_rank < self.rank:
+            raise ValueError(f"cannot grow an adapter from rank {self.rank} down to {new_rank}")
+        if new_rank > self.rank:
+            A, B = self.lora_A, self.lora_B
+            extra = new_rank - self.rank
+            new_rows = _kaiming_rows(extra, A.shape[1], A, generator)
+            zeros = torch.zeros(B.shape[0], extra, device=B.device, dtype=B.dtype)
+            self.lora_A = nn.Parameter(torch.cat([A.detach(), new_rows], 0), requires_grad=A.requires_grad)
+            self.lora_B = nn.Parameter(torch.cat([B.detach(), zeros], 1), requires_grad=B.requires_grad)
+        return self.lora_A, self.lora_B
+
+    def aptune_slice(self, out_idx: Tensor | None = None, in_idx: Tensor | None = None) -> None:
+        """Keep output channels ``out_idx`` and input channels ``in_idx`` (called by :func:`aptune.compact`).
+
+        Slices the base weight and bias, the rows of ``B`` and the columns of ``A``; ``requires_grad`` flags are
+        kept. Parameters are replaced, so the optimizer must be rebuilt.
+        """
+        slice_linear(self.base, out_idx, in_idx)
+        if out_idx is not None:
+            B = self.lora_B
+            rows = B.detach().index_select(0, out_idx.to(B.device)).clone()
+            self.lora_B = nn.Parameter(rows, requires_grad=B.requires_grad)
+        if in_idx is not None:
+            A = self.lora_A
+            cols = A.detach().index_select(1, in_idx.to(A.device)).contiguous()
+            self.lora_A = nn.Parameter(cols, requires_grad=A.requires_grad)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing ``(W0 + s B A) x + b`` (the export path).
+
+        Its parameters are new tensors with the ``requires_grad`` flags of ``base``.
+        """
+        base = self.base
+        w = base.weight
+        merged = nn.Linear(
+            self.in_features, self.out_features, bias=base.bias is not None, device=w.device, dtype=w.dtype
+        )
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        merged.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=w.requires_grad)
+        if base.bias is not None:
+            merged.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=base.bias.requires_grad)
+        return merged
+
+    # -- adaptive tuning (method spec §6.1) --------------------------------------------------------------
+    @torch.no_grad()
+    def rank_salience(self) -> Tensor:
+        """Per-rank salience ``sigma_k = |sum_j A_kj dL/dA_kj|`` from ``lora_A.grad`` (zeros without a grad)."""
+        A = self.lora_A
+        if A.grad is None:
+            return torch.zeros(self.rank, device=A.device, dtype=torch.float32)
+        return (A.float() * A.grad.float()).sum(dim=1).abs()
+
+
+def adapter_importance(adapter: APTLinear) -> Tensor:
+    """The adapter's importance: the mean of :meth:`APTLinear.rank_salience` over its ranks (a 0-d tensor)."""
+    return adapter.rank_salience().mean()
+
+
+def wrap_linear(
+    parent: nn.Module, attr: str, rank: int = 8, scale: float = DEFAULT_SCALE, dropout: float = 0.0
+) -> APTLinear:
+    """Replace the ``nn.Linear`` ``getattr(parent, attr)`` with an :class:`APTLinear` around it and return it.
+
+    Forward hooks on the linear layer move to the wrapper, so they act on the adapted output.
+    """
+    linear = getattr(parent, attr)
+    if isinstance(linear, APTLinear):
+        raise ValueError(f"{type(parent).__name__}.{attr} already has an adapter")
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{type(parent).__name__}.{attr} is a {type(linear).__name__}, not an nn.Linear")
+    adapter = APTLinear(linear, rank=rank, scale=scale, dropout=dropout)
+    _move_hooks(linear, adapter)
+    setattr(parent, attr, adapter)
+    return adapter
+
+
+def merge_adapters(model: nn.Module) -> int:
+    """Replace every :class:`APTLinear` inside ``model`` by its merged ``nn.Linear``; return how many.
+
+    Forward hooks on an adapter move to its merged layer.
+    """
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, APTLinear):
+            continue
+        if not name:
+            raise ValueError(
+                "merge_adapters() needs a model that contains adapters; call .merge() on an adapter"
+            )
+        parent_name, _, attr = name.rpartition(".")
+        merged = module.merge()
+        _move_hooks(module, merged)
+        setattr(model.get_submodule(parent_name), attr, merged)
+        count += 1
+    return count
+
+
+def adapter_param_count(module: nn.Module) -> int:
+    """Number of adapter parameters (elements of every ``lora_A`` and ``lora_B``) in ``module``."""
+    return sum(m.lora_A.numel() + m.lora_B.numel() for m in module.modules() if isinstance(m, APTLinear))
+
+
+__all__ = [
+    "APTLinear",
+    "adapter_importance",
+    "adapter_param_count",
+    "merge_adapters",
+    "wrap_linear",
+]

@@ -1,0 +1,121 @@
+"""APTConfig: every knob of APT in one dataclass, validated on construction, serialisable to JSON.
+
+Step counts left as ``None`` are derived from the length of training by :meth:`APTConfig.resolve`, following
+the official recipe (method spec §5.1, §8.2): salience from step 200, pruning until a fraction of training,
+a warm-up of one epoch during which the density target stays 1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+ADAPTER_ROLES = ("q", "k", "v", "o", "up", "gate", "down")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid."""
+
+
+@dataclass(frozen=True)
+class APTConfig:
+    target_density: float = 0.4
+    initial_rank: int = 8
+    max_rank: int = 64
+    adapter_targets: tuple[str, ...] = ("q", "v", "up")
+    train_head: bool = True  # train the randomly initialised task head fully (common PEFT practice)
+    salience_start: int | None = None  # default: min(200, 5% of training)
+    pruning_end: int | None = None  # default: 40% of training
+    warmup_end: int | None = None  # default: salience_start + one epoch, capped inside the window
+    num_checkpoints: int = 10
+    decay_window: int | None = None  # default: min(200, the shortest checkpoint interval)
+    mask_step: float | None = None  # default: 1 / (decay_window / 2) so a drop finishes inside a window
+    ffn_multiple: int = 64
+    prune_hidden: bool = True
+    use_kurtosis: bool = True
+    beta: float = 0.85
+    tuning_expansion: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_density <= 1:
+            raise ConfigError(f"target_density must be in (0, 1], got {self.target_density}")
+        if self.initial_rank < 1 or self.max_rank < self.initial_rank:
+            raise ConfigError(
+                f"need 1 <= initial_rank <= max_rank, got {self.initial_rank} and {self.max_rank}"
+            )
+        bad = [r for r in self.adapter_targets if r not in ADAPTER_ROLES]
+        if bad:
+            raise ConfigError(f"unknown adapter targets {bad}; choose from {', '.join(ADAPTER_ROLES)}")
+        if self.num_checkpoints < 1:
+            raise ConfigError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
+        if self.ffn_multiple < 1:
+            raise ConfigError(f"ffn_multiple must be >= 1, got {self.ffn_multiple}")
+        if not 0 <= self.beta < 1:
+            raise ConfigError(f"beta must be in [0, 1), got {self.beta}")
+        if self.tuning_expansion < 1:
+            raise ConfigError(f"tuning_expansion must be >= 1, got {self.tuning_expansion}")
+        if self.mask_step is not None and not 0 < self.mask_step <= 1:
+            raise ConfigError(f"mask_step must be in (0, 1], got {self.mask_step}")
+
+    def resolve(self, total_steps: int, steps_per_epoch: int) -> APTConfig:
+        """Fill the step counts left as None for a run of ``total_steps`` optimizer steps."""
+        if total_steps < 4:
+            raise ConfigError(f"APT needs a run of at least a few steps, got {total_steps}")
+        start = (
+            self.salience_start if self.salience_start is not None else min(200, max(1, total_steps // 20))
+        )
+        end = (
+            self.pruning_end
+            if self.pruning_end is not None
+            else max(start + self.num_checkpoints, int(0.4 * total_steps))
+        )
+        if not 0 <= start < end <= total_steps:
+            raise ConfigError(
+                f"need 0 <= salience_start < pruning_end <= total steps, got {start}, {end}, {total_steps}"
+            )
+        interval = (end - start) // self.num_checkpoints
+        if interval < 1:
+            raise ConfigError("the pruning window is shorter than the number of checkpoints")
+        warmup = (
+            self.warmup_end
+            if self.warmup_end is not None
+            else min(start + steps_per_epoch, start + (end - start) // 4)
+        )
+        window = self.decay_window if self.decay_window is not None else min(200, interval)
+        step = self.mask_step if self.mask_step is not None else min(1.0, 2.0 / window)
+        return replace(
+            self,
+            salience_start=start,
+            pruning_end=end,
+            warmup_end=warmup,
+            decay_window=window,
+            mask_step=step,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["adapter_targets"] = list(self.adapter_targets)
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> APTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown APT config keys {unknown}")
+        d = dict(d)
+        if "adapter_targets" in d:
+            d["adapter_targets"] = tuple(d["adapter_targets"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> APTConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,247 @@
+"""APTController: the per-step glue of APT. It holds the state and calls the pieces; it does no math itself.
+
+One training step, as the training loop calls it:
+
+    controller.before_forward()        # turns salience collection on while it is needed
+    loss = model(**batch).loss; loss.backward()
+    controller.after_backward()        # folds this step's block and rank salience into the moving averages
+    optimizer.step(); optimizer.zero_grad()
+    if controller.after_step():        # decays masks; at checkpoints compacts and grows ranks
+        optimizer = rebuild(controller.trainable_parameters())
+
+``state_dict()`` / ``load_state_dict()`` hold everything needed to continue: step, masks, moving averages and
+ranks. The model's own weights are saved by the training loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adapter import APTLinear, wrap_linear
+from .arch import describe
+from .budget import StructureShape, count_prunable
+from .compact import compact
+from .config import APTConfig
+from .masks import StructuralMasks, apply_masks
+from .salience import BlockScores, SalienceCollector, ema
+from .schedule import adapter_budget, mask_decay_tensor, pruning_schedule
+from .selection import select_blocks
+from .tuner import adapter_params, grow_ranks, importance_of
+
+
+def _attach_adapters(model: nn.Module, config: APTConfig) -> list[APTLinear]:
+    names = {id(m): n for n, m in model.named_modules()}
+    structure = describe(model)
+    targets = []
+    for site in structure.attention:
+        if site.num_heads:
+            targets += [
+                getattr(site, role) for role in config.adapter_targets if role in ("q", "k", "v", "o")
+            ]
+    for site in structure.ffn:
+        if site.num_neurons:
+            targets += [
+                getattr(site, role) for role in config.adapter_targets if role in ("up", "gate", "down")
+            ]
+    adapters = []
+    for linear in targets:
+        if linear is None:
+            continue
+        parent, _, attr = names[id(linear)].rpartition(".")
+        adapters.append(wrap_linear(model.get_submodule(parent), attr, rank=config.initial_rank))
+    return adapters
+
+
+class APTController:
+    """Adaptive pruning and tuning of one model. See the module docstring for the call order."""
+
+    def __init__(self, model: nn.Module, config: APTConfig, total_steps: int, steps_per_epoch: int):
+        self.model = model
+        self.config = config.resolve(total_steps, steps_per_epoch)
+        c = self.config
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.adapters = _attach_adapters(model, c)
+        if c.train_head:
+            for module in describe(model).head_modules.values():
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        self.schedule = pruning_schedule(
+            c.salience_start, c.pruning_end, c.warmup_end, c.num_checkpoints, c.target_density, c.decay_window
+        )
+        self.base_params = count_prunable(StructureShape.of(describe(model)))
+        self.initial_adapter_params = adapter_params(self.adapters)
+        self.step = 0
+        self.scores: BlockScores | None = None
+        self.rank_scores: list[Tensor | None] = [None] * len(self.adapters)
+        self.history: list[dict[str, Any]] = []
+        self._hook_up(StructuralMasks.for_model(model))
+
+    # -- wiring ------------------------------------------------------------------------------------------
+    def _hook_up(self, masks: StructuralMasks) -> None:
+        self.masks = masks
+        apply_masks(self.model, masks)
+        if getattr(self, "collector", None) is not None:
+            self.collector.remove()
+        self.collector = SalienceCollector(
+            self.model, describe(self.model), use_kurtosis=self.config.use_kurtosis
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def collecting(self) -> bool:
+        return self.config.salience_start <= self.step < self.config.pruning_end
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def before_forward(self) -> None:
+        if self.collecting:
+            self.collector.start()
+        else:
+            self.collector.stop()
+
+    def after_backward(self) -> None:
+        if not self.collecting:
+            return
+        self.scores = self.collector.scores().blend(self.scores, self.config.beta)
+        for i, adapter in enumerate(self.adapters):
+            self.rank_scores[i] = ema(self.rank_scores[i], adapter.rank_salience().cpu(), self.config.beta)
+        self.collector.stop()
+
+    def after_step(self) -> bool:
+        """Advance one step: move masks inside decay windows; at checkpoints prune physically and grow ranks.
+
+        Returns True when parameters were replaced, so the optimizer must be rebuilt.
+        """
+        self.step += 1
+        window = self.schedule.decay_window(self.step)
+        if window.active and self.scores is not None:
+            self._decay_masks(window.target, last=window.is_last)
+        if self.schedule.is_checkpoint(self.step):
+            return self._checkpoint()
+        return False
+
+    def _decay_masks(self, target: float, last: bool) -> None:
+        shape = StructureShape.of(describe(self.model))
+        sel = select_blocks(
+            shape,
+            self.scores.heads,
+            self.scores.neurons,
+            self.scores.hidden,
+            target_params=int(target * self.base_params),
+            ffn_multiple=self.config.ffn_multiple,
+            prune_hidden=self.config.prune_hidden,
+        )
+        step = self.config.mask_step
+        for i, keep in enumerate(sel.heads):
+            self.masks.set_heads(i, mask_decay_tensor(self.masks.heads[i], keep, step, last))
+        for i, keep in enumerate(sel.neurons):
+            self.masks.set_neurons(i, mask_decay_tensor(self.masks.neurons[i], keep, step, last))
+        self.masks.set_hidden(mask_decay_tensor(self.masks.hidden, sel.hidden, step, last))
+
+    def _checkpoint(self) -> bool:
+        changed = False
+        if self.masks.is_binary() and not all(bool((m == 1).all()) for m in self.masks.all_tensors()):
+            self._prune_physically()
+            changed = True
+        budget = adapter_budget(
+            self.step,
+            self.config.salience_start,
+            self.config.pruning_end,
+            self.initial_adapter_params,
+            self.config.tuning_expansion,
+        )
+        importance = [importance_of(s) for s in self.rank_scores]
+        grown = grow_ranks(self.adapters, importance, budget, self.config.max_rank)
+        for i, rank in grown.items():
+            scores = self.rank_scores[i]
+            if scores is not None:
+                self.rank_scores[i] = torch.cat([scores, torch.zeros(rank - len(scores))])
+        self.history.append(
+            {
+                "step": self.step,
+                "density": self.density(),
+                "adapter_params": adapter_params(self.adapters),
+                "ranks": [a.rank for a in self.adapters],
+            }
+        )
+        return changed or bool(grown)
+
+    def _prune_physically(self) -> None:
+        masks = self.masks
+        keep_h = [m == 1 for m in masks.heads]
+        keep_f = [m == 1 for m in masks.neurons]
+        keep_d = masks.hidden == 1
+        compact(self.model, masks)
+        if self.scores is not None:
+            self.scores = BlockScores(
+                [s[k] for s, k in zip(self.scores.heads, keep_h, strict=True)],
+                [s[k] for s, k in zip(self.scores.neurons, keep_f, strict=True)],
+                self.scores.hidden[keep_d],
+            )
+        # adapters whose layer disappeared are no longer in the model
+        alive = {id(m) for m in self.model.modules()}
+        kept = [i for i, a in enumerate(self.adapters) if id(a) in alive]
+        self.adapters = [self.adapters[i] for i in kept]
+        self.rank_scores = [self.rank_scores[i] for i in kept]
+        self._hook_up(StructuralMasks.for_model(self.model))
+
+    # -- reporting and state -----------------------------------------------------------------------------
+    def density(self) -> float:
+        """Density of the live structure, counting masked-out blocks as removed."""
+        shape = StructureShape.of(describe(self.model))
+        heads = [int((m > 0).sum()) for m in self.masks.heads]
+        neurons = [int((m > 0).sum()) for m in self.masks.neurons]
+        hidden = int((self.masks.hidden > 0).sum())
+        from dataclasses import replace
+
+        masked = StructureShape(
+            hidden,
+            tuple(replace(a, heads=h, kv_heads=h) for a, h in zip(shape.attention, heads, strict=True)),
+            tuple(replace(f, neurons=n) for f, n in zip(shape.ffn, neurons, strict=True)),
+        )
+        return count_prunable(masked) / self.base_params
+
+    def finish(self) -> nn.Module:
+        """Remove hooks; compact whatever binary masks are left; return the model (adapters still attached)."""
+        self.collector.remove()
+        if self.masks.is_binary() and not all(bool((m == 1).all()) for m in self.masks.all_tensors()):
+            compact(self.model, self.masks)
+        else:
+            hooks = getattr(self.model, "_aptune_mask_hooks", None)
+            if hooks is not None:
+                hooks.remove()
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "base_params": self.base_params,
+            "initial_adapter_params": self.initial_adapter_params,
+            "masks": self.masks.state_dict(),
+            "scores": None if self.scores is None else self.scores.state_dict(),
+            "rank_scores": [None if s is None else s.clone() for s in self.rank_scores],
+            "ranks": [a.rank for a in self.adapters],
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the controller's state onto a model of the same structure (weights are loaded separately)."""
+        ranks = state["ranks"]
+        if len(ranks) != len(self.adapters):
+            raise ValueError(f"state has {len(ranks)} adapters, the model has {len(self.adapters)}")
+        for adapter, rank in zip(self.adapters, ranks, strict=True):
+            if rank > adapter.rank:
+                adapter.grow(rank)
+        self.step = state["step"]
+        self.base_params = state["base_params"]
+        self.initial_adapter_params = state["initial_adapter_params"]
+        self.scores = None if state["scores"] is None else BlockScores.from_state_dict(state["scores"])
+        self.rank_scores = [None if s is None else s.clone() for s in state["rank_scores"]]
+        self.history = list(state["history"])
+        self._hook_up(StructuralMasks.from_state_dict(state["masks"]))
