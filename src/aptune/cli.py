@@ -1,4 +1,9 @@
-"""The ``aptune`` command line. Each subcommand is a thin layer over the library."""
+"""The ``aptune`` command line. Each subcommand is a thin layer over the library.
+
+``aptune train`` has one flag per field of :class:`aptune.train.TrainConfig` and :class:`aptune.APTConfig`
+(``--target-density`` for ``target_density``, and so on), built from the dataclasses so they never drift
+apart. ``--config FILE`` (JSON or YAML) sets the same keys; flags given on the command line win.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,29 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
 
 from .arch import UnsupportedModelError
 from .assets import AssetError
 from .compact import PrunedModelError
+from .config import APTConfig, ConfigError
 from .masks import MaskError
 
 # Errors that mean "bad input": printed as one line, exit status 2, no traceback.
-USER_ERRORS = (UnsupportedModelError, PrunedModelError, MaskError, AssetError, ValueError, FileNotFoundError)
+USER_ERRORS = (
+    UnsupportedModelError,
+    PrunedModelError,
+    MaskError,
+    AssetError,
+    ConfigError,
+    ValueError,
+    FileNotFoundError,
+)
+
+# Short names the issue tracker and docs use, mapped onto config fields.
+ALIASES = {"target_density": ["--density"], "output_dir": ["--output"]}
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -63,7 +82,141 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train ------------------------------------------------------------------------------------------------
+
+
+def _flag_type(annotation: str):
+    if "tuple" in annotation:
+        return str, "+"
+    for name, kind in (("bool", bool), ("float", float), ("int", int), ("str", str)):
+        if name in annotation:
+            return kind, None
+    raise TypeError(f"no CLI type for {annotation}")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, dataclass_type, group_title: str) -> None:
+    group = parser.add_argument_group(group_title)
+    for f in fields(dataclass_type):
+        kind, nargs = _flag_type(str(f.type))
+        names = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
+        default = f.default if f.default is not MISSING else None
+        help_text = f"(default: {default})"
+        if kind is bool:
+            group.add_argument(
+                *names,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            group.add_argument(
+                *names, dest=f.name, type=kind, nargs=nargs, default=argparse.SUPPRESS, help=help_text
+            )
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("YAML config files need PyYAML: pip install pyyaml (or use JSON)") from None
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def build_configs(values: dict[str, Any]):
+    """Split a flat mapping of keys into (TrainConfig, APTConfig); unknown keys are an error."""
+    from .train import TrainConfig
+
+    train_keys = {f.name for f in fields(TrainConfig)}
+    apt_keys = {f.name for f in fields(APTConfig)}
+    unknown = sorted(set(values) - train_keys - apt_keys)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+    apt_values = {k: v for k, v in values.items() if k in apt_keys}
+    if "adapter_targets" in apt_values:
+        apt_values["adapter_targets"] = tuple(apt_values["adapter_targets"])
+    train_values = {k: v for k, v in values.items() if k in train_keys}
+    if train_values.get("text_fields") is not None:
+        train_values["text_fields"] = tuple(train_values["text_fields"])
+    return (
+        TrainConfig(**train_values),
+        APTConfig(**apt_values),
+    )
+
+
+def _collect(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    values: dict[str, Any] = dict(defaults or {})
+    if getattr(args, "config", None):
+        values.update(read_config_file(args.config))
+    values.update({k: v for k, v in vars(args).items() if k not in ("command", "func", "config")})
+    return values
+
+
+def _train(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> int:
+    from .train import prepare, train
+
+    train_config, apt_config = build_configs(_collect(args, defaults))
+    prepared = prepare(train_config)  # every input is checked here, before any training
+    report = train(train_config, apt_config, prepared)
+    print_summary(report, train_config.output_dir)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    # A short schedule that finishes in minutes on 2 CPU cores; the benchmark uses a longer one.
+    return _train(args, defaults=DEMO_DEFAULTS)
+
+
+DEMO_DEFAULTS: dict[str, Any] = {
+    "model": "",  # the packaged all-MiniLM-L6-v2
+    "data": "rt-polarity",
+    "target_density": 0.4,
+    "epochs": 3.0,
+    "output_dir": "runs/demo",
+}
+
+
+def print_summary(report: dict[str, Any], output_dir: str) -> None:
+    m = report["metrics"]
+    before, after = report["params_before"], report["params_after"]
+    rows = [
+        ("method", report["method"]),
+        ("best validation accuracy", f"{m['best_validation']:.4f} (step {m['best_step']})"),
+        ("test accuracy at best", f"{m['test_at_best']:.4f}" if "test_at_best" in m else "n/a"),
+        ("density (prunable params)", f"{report['density']:.3f}"),
+        ("prunable params", f"{before['prunable']:,} -> {after['prunable']:,}"),
+        ("total params", f"{before['total']:,} -> {after['total']:,}"),
+        ("train time", f"{report['train_time_s']:.1f} s (+ {report['eval_time_s']:.1f} s evaluation)"),
+        ("peak memory", f"{report['peak_memory_mb']:.0f} MiB ({report['peak_memory_kind']})"),
+        ("steps", str(report["steps"])),
+    ]
+    if "inference" in report:
+        inf = report["inference"]
+        rows.append(
+            (
+                f"inference, batch {inf['final']['batch_size']} x {inf['final']['length']}",
+                f"{inf['final']['throughput']:.1f}/s vs dense {inf['dense']['throughput']:.1f}/s ({inf['speedup']:.2f}x)",
+            )
+        )
+    rows.append(("saved", f"{output_dir}/model and {output_dir}/report.json"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
     parser = argparse.ArgumentParser(
         prog="aptune", description="Adaptive Pruning and Tuning for transformers"
     )
@@ -72,6 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", nargs="?", help="model folder (default: the packaged all-MiniLM-L6-v2)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=_info)
+
+    for name, func, text in (
+        ("train", _train, "fine-tune and prune a classifier; writes OUTPUT/model and OUTPUT/report.json"),
+        (
+            "demo",
+            _demo,
+            "APT on the packaged MiniLM and rt-polarity at density 0.4, offline (a few minutes on CPU)",
+        ),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", help="JSON or YAML file with config keys (flags win)")
+        _add_config_flags(p, TrainConfig, "run")
+        _add_config_flags(p, APTConfig, "APT")
+        p.set_defaults(func=func)
     return parser
 
 

@@ -1,0 +1,27 @@
+"""Task metrics computed over a data loader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Iterable[dict], device: torch.device | str | None = None) -> float:
+    """Classification accuracy of ``model`` over ``batches`` (dicts with ``labels``). Restores train mode."""
+    was_training = model.training
+    model.eval()
+    right = total = 0
+    for batch in batches:
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        right += int((logits.argmax(-1) == labels).sum())
+        total += len(labels)
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("accuracy() got no examples")
+    return right / total

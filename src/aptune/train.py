@@ -1,0 +1,415 @@
+"""The training entry point: fine-tune (and, with APT, prune) a classifier, evaluate, keep the best, export.
+
+    report = aptune.train(TrainConfig(model="path/or/name", data="rt-polarity", output_dir="runs/x"), APTConfig())
+
+The loop is plain PyTorch on Accelerate's device and mixed-precision handling. It only calls the controller
+(for APT) and owns the learning-rate schedule, so rebuilding the optimizer after a structural change never
+resets the schedule. At the end the best validation checkpoint is restored, adapters are merged, the model is
+compacted and saved to ``OUTPUT/model`` (readable by :func:`aptune.load_pruned`), and ``OUTPUT/report.json``
+records metrics, density, parameters, time, memory and the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import merge_adapters
+from .budget import param_report
+from .compact import save_pruned
+from .config import APTConfig, ConfigError
+from .controller import APTController
+from .evaluate import accuracy, measure_throughput
+
+METHODS = ("apt", "full")
+DEFAULT_LR = {"apt": 1e-3, "full": 5e-5}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a run except the APT knobs. CLI flags mirror these fields."""
+
+    model: str = ""
+    data: str | None = None  # a task name ("rt-polarity"), a folder of split files, or a hub name
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    text_fields: tuple[str, ...] | None = None  # default: detected (text, sentence, premise+hypothesis, ...)
+    label_field: str = "label"
+    tokenizer: str | None = None  # defaults to the model folder
+    output_dir: str = "runs/aptune"
+    method: str = "apt"
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    max_length: int = 64
+    learning_rate: float | None = None  # default per method: apt 1e-3, full 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    evals_per_epoch: int = 2
+    seed: int = 0
+    mixed_precision: str = "no"  # "no" or "bf16"
+    cpu: bool = False  # force CPU even when a GPU is present
+    measure_speed: bool = True  # time dense vs final model at inference after training
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        for name in ("batch_size", "eval_batch_size", "max_length", "evals_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- loading --------------------------------------------------------------------------------------------
+
+
+def _resolve_model_path(name: str) -> str:
+    if not name:
+        from .assets import minilm_path
+
+        return str(minilm_path())
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} holds no model (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model path does not exist: {name}")
+    return name  # a hub name: works with network access
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"no tokenizer found at {source!r} ({type(e).__name__}); pass --tokenizer PATH"
+        ) from None
+
+
+def load_classifier(source: str, labels: list, dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    id2label = {i: str(label) for i, label in enumerate(labels)}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id={v: k for k, v in id2label.items()},
+            dtype=dtype,
+        )
+    except OSError as e:
+        raise FileNotFoundError(f"could not load model {source!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_data(config: TrainConfig):
+    from .data import load_text_classification
+
+    if config.train is None and config.data is None:
+        raise ConfigError("pass --data NAME_OR_FOLDER, or --train FILE (with --validation FILE)")
+    return load_text_classification(
+        config.data,
+        train=config.train,
+        validation=config.validation,
+        test=config.test,
+        text_fields=config.text_fields,
+        label_field=config.label_field,
+    )
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """Everything checked and loaded before the first step, so bad input fails fast."""
+
+    model: nn.Module
+    tokenizer: Any
+    loaders: dict[str, Any]
+    model_path: str
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    from .data import PaddingCollator, encode_splits, make_dataloader
+
+    model_path = _resolve_model_path(config.model)
+    data = load_data(config)
+    if data.get("validation") is None:
+        raise ConfigError("a validation split is needed for evaluation and checkpoint selection")
+    tokenizer = load_tokenizer(config.tokenizer or model_path)
+    model = load_classifier(model_path, list(data.task.labels))
+    from .arch import get_spec
+
+    get_spec(model)  # unsupported families fail here, before any training
+    encoded = encode_splits(tokenizer, data, max_length=config.max_length)
+    collate = PaddingCollator.from_tokenizer(tokenizer)
+    loaders = {
+        "train": make_dataloader(
+            encoded["train"], config.batch_size, shuffle=True, seed=config.seed, collate_fn=collate
+        )
+    }
+    for split in ("validation", "test"):
+        if split in encoded:
+            loaders[split] = make_dataloader(encoded[split], config.eval_batch_size, collate_fn=collate)
+    return Prepared(model, tokenizer, loaders, model_path)
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(
+    config: TrainConfig, apt: APTConfig | None = None, prepared: Prepared | None = None
+) -> dict[str, Any]:
+    """Run one training job and return its report (also written to ``OUTPUT/report.json``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    apt = apt or APTConfig()
+    set_seed(config.seed)
+    prepared = prepared or prepare(config)
+    model, loaders = prepared.model, prepared.loaders
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    device = accelerator.device
+    model.to(device)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    steps_per_epoch = len(loaders["train"])
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    warmup = int(config.warmup_ratio * total)
+    eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
+    dense_report = param_report(model)
+
+    controller = None
+    if config.method == "apt":
+        controller = APTController(model, apt, total_steps=total, steps_per_epoch=steps_per_epoch)
+        params = controller.trainable_parameters()
+        select_from = controller.config.pruning_end  # the best checkpoint is taken once pruning is over
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        select_from = 0
+
+    def new_optimizer(parameters):
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+    optimizer = new_optimizer(params)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"validation": -1.0}
+    best_state: dict[str, torch.Tensor] | None = None
+    train_time = eval_time = 0.0
+    step = 0
+    progress = _progress(total, config.progress)
+    model.train()
+    while step < total:
+        for batch in loaders["train"]:
+            if step >= total:
+                break
+            started = time.perf_counter()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, config.lr, warmup)
+            if controller is not None:
+                controller.before_forward()
+            with accelerator.autocast():
+                loss = model(**batch).loss
+            accelerator.backward(loss)
+            if controller is not None:
+                controller.after_backward()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if controller is not None and controller.after_step():
+                optimizer = new_optimizer(controller.trainable_parameters())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - started
+            density = controller.density() if controller is not None else 1.0
+            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            progress.update(loss=float(loss.detach()), density=density, trainable=n_trainable)
+
+            if step % eval_every == 0 or step == total:
+                started = time.perf_counter()
+                val = accuracy(model, loaders["validation"], device)
+                eval_time += time.perf_counter() - started
+                history.append(
+                    {
+                        "step": step,
+                        "epoch": step / steps_per_epoch,
+                        "train_time_s": train_time,
+                        "validation": val,
+                        "density": density,
+                        "trainable_params": n_trainable,
+                    }
+                )
+                progress.note(f"step {step}: validation {val:.4f}, density {density:.3f}")
+                if step >= select_from and val > best["validation"]:
+                    best = {"validation": val, "step": step}
+                    best_state = _trainable_state(model)
+    progress.close()
+
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    if controller is not None:
+        model = controller.finish()
+        merge_adapters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    metrics = {"best_validation": best["validation"], "best_step": best.get("step")}
+    if "test" in loaders:
+        metrics["test_at_best"] = accuracy(model, loaders["test"], device)
+    final_report = param_report(model)
+    save_pruned(model, out / "model", tokenizer=prepared.tokenizer)
+
+    report: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "method": config.method,
+        "metrics": metrics,
+        "density": final_report["density"],
+        "params_before": dense_report,
+        "params_after": final_report,
+        "train_time_s": train_time,
+        "eval_time_s": eval_time,
+        "peak_memory_mb": peak_memory,
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+        "steps": step,
+        "steps_per_epoch": steps_per_epoch,
+        "history": history,
+        "apt_history": controller.history if controller is not None else [],
+        "train_config": config.to_dict(),
+        "apt_config": controller.config.to_dict() if controller is not None else None,
+        "environment": environment(device),
+    }
+    if config.measure_speed:
+        report["inference"] = compare_speed(
+            prepared.model_path,
+            model,
+            model.config.num_labels,
+            device,
+            batch_size=32,
+            length=config.max_length,
+        )
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def compare_speed(
+    dense_path: str, model: nn.Module, num_labels: int, device, batch_size: int, length: int
+) -> dict:
+    """Throughput of the dense starting model vs the final model, same batch, length and device."""
+    dense = load_classifier(dense_path, list(range(num_labels))).to(device)
+    dense_speed = measure_throughput(dense, batch_size=batch_size, length=length, device=device)
+    del dense
+    final_speed = measure_throughput(model, batch_size=batch_size, length=length, device=device)
+    return {
+        "dense": dense_speed.to_dict(),
+        "final": final_speed.to_dict(),
+        "speedup": final_speed.throughput / dense_speed.throughput,
+    }
+
+
+def environment(device) -> dict[str, Any]:
+    import transformers
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    from . import __version__
+
+    env["aptune"] = __version__
+    return env
+
+
+class _progress:
+    """A tqdm bar with loss, density and trainable parameters; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="aptune train", unit="step", dynamic_ncols=True)
+
+    def update(self, loss: float, density: float, trainable: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", density=f"{density:.3f}", trainable=f"{trainable:,}", refresh=False
+            )
+            self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def config_fields() -> dict[str, list[str]]:
+    """Field names of the two configs (the CLI builds its flags from these)."""
+    return {"train": [f.name for f in fields(TrainConfig)], "apt": [f.name for f in fields(APTConfig)]}
+
+
+__all__ = ["TrainConfig", "config_fields", "lr_at", "prepare", "train"]

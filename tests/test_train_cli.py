@@ -1,0 +1,187 @@
+"""`aptune train` end to end on a tiny model and tiny files, and its one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import BertTokenizerFast
+
+import aptune
+from aptune.cli import main
+
+POSITIVE = ["good", "great", "fine", "happy", "superb", "lovely", "nice", "bright"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "dull", "ugly", "grim", "weak"]
+FILLER = ["the", "a", "movie", "plot", "was", "and", "very", "it"]
+
+
+def write_task(folder, n_train=192, n_eval=64, seed=0):
+    rng = random.Random(seed)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = rng.choices(POSITIVE if label else NEGATIVE, k=2) + rng.choices(FILLER, k=4)
+            rng.shuffle(words)
+            out.append({"text": " ".join(words), "label": label})
+        return out
+
+    paths = {}
+    for split, n in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
+        paths[split] = folder / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows(n)))
+    return paths
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]))
+    tokenizer = BertTokenizerFast(vocab=str(vocab))
+    model = tiny_model(
+        "BertForSequenceClassification",
+        num_labels=2,
+        vocab_size=len(tokenizer),
+        intermediate_size=64,
+        initializer_range=0.05,
+    )
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path
+
+
+def test_train_writes_a_loadable_pruned_model_and_report(tiny_folder, capsys):
+    data = write_task(tiny_folder)
+    out = tiny_folder / "run"
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_folder / "model"),
+            "--train",
+            str(data["train"]),
+            "--validation",
+            str(data["validation"]),
+            "--test",
+            str(data["test"]),
+            "--density",
+            "0.5",
+            "--ffn-multiple",
+            "8",
+            "--epochs",
+            "6",
+            "--batch-size",
+            "8",
+            "--learning-rate",
+            "3e-3",
+            "--num-checkpoints",
+            "4",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--max-length",
+            "16",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["density"] <= 0.5
+    assert report["metrics"]["best_validation"] >= 0.9
+    assert report["metrics"]["best_step"] >= report["apt_config"]["pruning_end"]
+    assert report["params_after"]["prunable"] < report["params_before"]["prunable"]
+    assert report["steps"] == 6 * 24
+    assert report["inference"]["final"]["throughput"] > 0
+    for key in ("command", "environment", "train_time_s", "peak_memory_mb", "history", "apt_history"):
+        assert key in report
+    assert "best validation accuracy" in capsys.readouterr().out
+
+    model = aptune.load_pruned(out / "model")
+    assert aptune.param_report(model)["density"] == pytest.approx(report["density"])
+    tokenizer = BertTokenizerFast.from_pretrained(out / "model")
+    rows = [json.loads(line) for line in data["test"].read_text().splitlines()]
+    enc = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predictions = model(**enc).logits.argmax(-1)
+    test_acc = float((predictions == torch.tensor([r["label"] for r in rows])).float().mean())
+    assert test_acc == pytest.approx(report["metrics"]["test_at_best"])
+
+
+def test_full_finetuning_runs_through_the_same_harness(tiny_folder):
+    data = write_task(tiny_folder)
+    out = tiny_folder / "full"
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "full",
+                "--model",
+                str(tiny_folder / "model"),
+                "--train",
+                str(data["train"]),
+                "--validation",
+                str(data["validation"]),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--learning-rate",
+                "1e-3",
+                "--output",
+                str(out),
+                "--no-progress",
+                "--no-measure-speed",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["density"] == 1.0 and report["apt_config"] is None
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d, f: ["--density", "0"], "target_density must be in (0, 1]"),
+        (lambda d, f: ["--density", "1.2"], "target_density must be in (0, 1]"),
+        (lambda d, f: ["--model", str(f / "nowhere")], "model path does not exist"),
+        (
+            lambda d, f: [
+                "--train",
+                str(_broken(f, "missing.jsonl", '{"text": "good", "label": 1}\n{"text": "bad"}\n')),
+            ],
+            "missing field",
+        ),
+        (
+            lambda d, f: ["--validation", str(_broken(f, "v.jsonl", '{"text": "good", "label": 7}\n'))],
+            "unknown label",
+        ),
+        (lambda d, f: ["--tokenizer", str(f)], "no tokenizer"),
+    ],
+)
+def test_bad_input_is_one_line_before_training(tiny_folder, capsys, mutate, message):
+    data = write_task(tiny_folder, n_train=16, n_eval=8)
+    args = {
+        "--model": str(tiny_folder / "model"),
+        "--train": str(data["train"]),
+        "--validation": str(data["validation"]),
+        "--output": str(tiny_folder / "bad"),
+    }
+    extra = mutate(data, tiny_folder)
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        args[flag] = value
+    argv = ["train", "--no-progress", *[x for kv in args.items() for x in kv]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+    assert not (tiny_folder / "bad" / "report.json").exists()
+
+
+def _broken(folder, name, text):
+    path = folder / name
+    path.write_text(text)
+    return path
