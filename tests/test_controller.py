@@ -31,7 +31,7 @@ def run_apt(model, controller, batches, epochs: int, lr: float = 3e-3):
     for _ in range(epochs):
         for batch in batches:
             controller.before_forward()
-            model(**batch).loss.backward()
+            controller.compute_loss(batch).backward()
             controller.after_backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -14,6 +14,7 @@ from aptune.controller import APTController
 from aptune.integrations import APTCallback, UnsupportedTrainerSetup, training_steps
 
 CONFIG = APTConfig(
+    distill=False,  # the Trainer computes its own loss: no self-distillation under the callback
     target_density=0.5,
     ffn_multiple=8,
     num_checkpoints=4,

@@ -74,6 +74,10 @@ class APTLinear(nn.Module):
         w = base.weight
         self.lora_A = nn.Parameter(_kaiming_rows(rank, w.shape[1], w, generator))
         self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+        # Self-distillation: a frozen copy of the factors (method spec §7.2). The backbone is shared.
+        self.register_buffer("teacher_A", None, persistent=False)
+        self.register_buffer("teacher_B", None, persistent=False)
+        self.use_teacher = False
 
     # -- nn.Linear look-alike ----------------------------------------------------------------------------
     @property
@@ -102,7 +106,15 @@ class APTLinear(nn.Module):
         return self.scale * self.rank
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.use_teacher and self.teacher_A is not None:
+            return self.base(x) + self.scale * ((x @ self.teacher_A.T) @ self.teacher_B.T)
         return self.base(x) + self.scale * ((self.dropout(x) @ self.lora_A.T) @ self.lora_B.T)
+
+    @torch.no_grad()
+    def snapshot_teacher(self) -> None:
+        """Freeze a copy of the current factors as the teacher's (used while ``use_teacher`` is set)."""
+        self.teacher_A = self.lora_A.detach().clone()
+        self.teacher_B = self.lora_B.detach().clone()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, scale={self.scale:g}"
@@ -135,6 +147,11 @@ class APTLinear(nn.Module):
         kept. Parameters are replaced, so the optimizer must be rebuilt.
         """
         slice_linear(self.base, out_idx, in_idx)
+        if self.teacher_A is not None:
+            if out_idx is not None:
+                self.teacher_B = self.teacher_B.index_select(0, out_idx.to(self.teacher_B.device))
+            if in_idx is not None:
+                self.teacher_A = self.teacher_A.index_select(1, in_idx.to(self.teacher_A.device))
         if out_idx is not None:
             B = self.lora_B
             rows = B.detach().index_select(0, out_idx.to(B.device)).clone()

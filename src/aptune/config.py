@@ -37,6 +37,12 @@ class APTConfig:
     use_kurtosis: bool = True
     beta: float = 0.85
     tuning_expansion: float = 4.0
+    distill: bool | None = None  # default: on for encoder families (BERT, T5), off for decoder LLMs
+    distill_end: int | None = None  # default: 75% of training
+    distill_temperature: float = 4.0
+    distill_pred_weight: float = 1.0
+    distill_layer_weight: float = 0.9
+    transform_rank: int = 8
 
     def __post_init__(self) -> None:
         if not 0 < self.target_density <= 1:
@@ -56,6 +62,12 @@ class APTConfig:
             raise ConfigError(f"beta must be in [0, 1), got {self.beta}")
         if self.tuning_expansion < 1:
             raise ConfigError(f"tuning_expansion must be >= 1, got {self.tuning_expansion}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.distill_pred_weight < 0 or self.distill_layer_weight < 0:
+            raise ConfigError("distillation weights must be >= 0")
+        if self.transform_rank < 1:
+            raise ConfigError(f"transform_rank must be >= 1, got {self.transform_rank}")
         if self.mask_step is not None and not 0 < self.mask_step <= 1:
             raise ConfigError(f"mask_step must be in (0, 1], got {self.mask_step}")
 
@@ -85,6 +97,9 @@ class APTConfig:
         )
         window = self.decay_window if self.decay_window is not None else min(200, interval)
         step = self.mask_step if self.mask_step is not None else min(1.0, 2.0 / window)
+        distill_end = self.distill_end if self.distill_end is not None else max(end, int(0.75 * total_steps))
+        if distill_end < warmup:
+            raise ConfigError(f"distill_end ({distill_end}) comes before the end of the warm-up ({warmup})")
         return replace(
             self,
             salience_start=start,
@@ -92,6 +107,7 @@ class APTConfig:
             warmup_end=warmup,
             decay_window=window,
             mask_step=step,
+            distill_end=distill_end,
         )
 
     def to_dict(self) -> dict[str, Any]:

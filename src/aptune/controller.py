@@ -11,6 +11,13 @@ One training step, as the training loop calls it:
 
 ``state_dict()`` / ``load_state_dict()`` hold everything needed to continue: step, masks, moving averages and
 ranks. The model's own weights are saved by the training loop.
+
+With self-distillation (on by default for encoder families), the loop gets the loss from
+``controller.compute_loss(batch)`` and reports validation metrics with ``observe_validation(metric)``: the
+teacher is the student's snapshot at the start of distillation, refreshed whenever a reported validation
+metric beats the teacher's (the official code's rule, checked at every evaluation rather than only at
+mask-decay windows: a stale early teacher caps the student), and at pruning checkpoints when no metric is
+reported.
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ from .arch import describe
 from .budget import StructureShape, count_prunable
 from .compact import compact
 from .config import APTConfig
+from .distill import SelfDistiller
 from .masks import StructuralMasks, apply_masks
 from .salience import BlockScores, SalienceCollector, ema
-from .schedule import adapter_budget, mask_decay_tensor, pruning_schedule
+from .schedule import adapter_budget, distill_weight, mask_decay_tensor, pruning_schedule
 from .selection import select_blocks
 from .tuner import adapter_params, grow_ranks, importance_of
+
+ENCODER_FAMILIES = ("bert", "t5")
 
 
 def _attach_adapters(model: nn.Module, config: APTConfig) -> list[APTLinear]:
@@ -79,6 +89,26 @@ class APTController:
         self.rank_scores: list[Tensor | None] = [None] * len(self.adapters)
         self.history: list[dict[str, Any]] = []
         self._hook_up(StructuralMasks.for_model(model))
+        distill = c.distill if c.distill is not None else describe(model).family in ENCODER_FAMILIES
+        self.distiller = (
+            SelfDistiller(
+                model,
+                describe(model).hidden.size,
+                self._head_parameters(),
+                temperature=c.distill_temperature,
+                pred_weight=c.distill_pred_weight,
+                layer_weight=c.distill_layer_weight,
+                transform_rank=c.transform_rank,
+            )
+            if distill
+            else None
+        )
+        self.latest_validation: float | None = None
+        self.teacher_validation: float | None = None
+
+    def _head_parameters(self) -> dict[str, nn.Parameter]:
+        """The trained non-adapter parameters (the task head), whose snapshot the teacher uses."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" not in n}
 
     # -- wiring ------------------------------------------------------------------------------------------
     def _hook_up(self, masks: StructuralMasks) -> None:
@@ -91,7 +121,49 @@ class APTController:
         )
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        extra = self.distiller.parameters() if self.distiller is not None else []
+        return [p for p in self.model.parameters() if p.requires_grad] + extra
+
+    @property
+    def distilling(self) -> bool:
+        c = self.config
+        return self.distiller is not None and c.warmup_end <= self.step < c.distill_end
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The training loss of this step: the task loss, mixed with self-distillation inside its window."""
+        if not self.distilling:
+            return self.model(**batch).loss
+        if not self.distiller.has_teacher:
+            self.distiller.snapshot()
+            self.teacher_validation = self.latest_validation
+        teacher = self.distiller.teacher_outputs(batch)
+        out = self.model(**batch, output_hidden_states=True)
+        mu = self.distill_weight()
+        return mu * self.distiller.loss(out, teacher, self._alive_layers()) + (1 - mu) * out.loss
+
+    def distill_weight(self) -> float:
+        """mu at the current step: linear from 0 to 1 over the pruning window, then 1 (spec §7.5)."""
+        return distill_weight(self.step, self.config.salience_start, self.config.pruning_end)
+
+    def observe_validation(self, metric: float) -> None:
+        """Tell the controller the latest validation metric (higher is better).
+
+        While distilling, a metric better than the teacher's (the metric seen when it was snapshot) makes the
+        current student the new teacher.
+        """
+        self.latest_validation = float(metric)
+        if self.distilling and self.distiller.has_teacher and self._teacher_improved():
+            self.distiller.snapshot()
+            self.teacher_validation = self.latest_validation
+
+    def _alive_layers(self) -> list[bool]:
+        structure = describe(self.model)
+        alive = [True] * structure.num_layers
+        for site, mask in zip(structure.attention, self.masks.heads, strict=True):
+            alive[site.layer] &= bool((mask > 0).any())
+        for site, mask in zip(structure.ffn, self.masks.neurons, strict=True):
+            alive[site.layer] &= bool((mask > 0).any())
+        return alive
 
     @property
     def collecting(self) -> bool:
@@ -146,8 +218,11 @@ class APTController:
     def _checkpoint(self) -> bool:
         changed = False
         if self.masks.is_binary() and not all(bool((m == 1).all()) for m in self.masks.all_tensors()):
-            self._prune_physically()
+            self.prune_physically()
             changed = True
+        if self.distiller is not None and self.distiller.has_teacher and self._teacher_improved():
+            self.distiller.snapshot()
+            self.teacher_validation = self.latest_validation
         budget = adapter_budget(
             self.step,
             self.config.salience_start,
@@ -171,12 +246,22 @@ class APTController:
         )
         return changed or bool(grown)
 
-    def _prune_physically(self) -> None:
+    def _teacher_improved(self) -> bool:
+        if self.latest_validation is None or self.teacher_validation is None:
+            return self.latest_validation is not None or self.teacher_validation is None
+        return self.latest_validation > self.teacher_validation
+
+    def prune_physically(self) -> None:
+        """Remove the blocks whose (binary) masks are 0 now, and slice every piece of state that follows them."""
         masks = self.masks
         keep_h = [m == 1 for m in masks.heads]
         keep_f = [m == 1 for m in masks.neurons]
         keep_d = masks.hidden == 1
         compact(self.model, masks)
+        if self.distiller is not None:
+            self.distiller.rebind_head(self._head_parameters())  # compaction replaced the head's tensors
+            if not bool(keep_d.all()):
+                self.distiller.on_hidden_pruned(torch.nonzero(keep_d).flatten(), len(keep_d))
         if self.scores is not None:
             self.scores = BlockScores(
                 [s[k] for s, k in zip(self.scores.heads, keep_h, strict=True)],
@@ -228,6 +313,24 @@ class APTController:
             "rank_scores": [None if s is None else s.clone() for s in self.rank_scores],
             "ranks": [a.rank for a in self.adapters],
             "history": list(self.history),
+            "distiller": self._distiller_state(),
+        }
+
+    def _distiller_state(self) -> dict[str, Any] | None:
+        d = self.distiller
+        if d is None:
+            return None
+        return {
+            "transform": {k: v.detach().clone() for k, v in d.transform.state_dict().items()},
+            "teacher_factors": [
+                None if a.teacher_A is None else (a.teacher_A.clone(), a.teacher_B.clone())
+                for a in self.adapters
+            ],
+            "teacher_head": None
+            if d.teacher_head is None
+            else {k: v.clone() for k, v in d.teacher_head.items()},
+            "latest_validation": self.latest_validation,
+            "teacher_validation": self.teacher_validation,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -245,3 +348,16 @@ class APTController:
         self.rank_scores = [None if s is None else s.clone() for s in state["rank_scores"]]
         self.history = list(state["history"])
         self._hook_up(StructuralMasks.from_state_dict(state["masks"]))
+        d, saved = self.distiller, state.get("distiller")
+        if d is not None and saved is not None:
+            transform = saved["transform"]
+            rank = transform["lora_A"].shape[0]
+            if rank > d.transform.rank:
+                d.transform.grow(rank)
+            d.transform.load_state_dict(transform)
+            for adapter, factors in zip(self.adapters, saved["teacher_factors"], strict=True):
+                if factors is not None:
+                    adapter.teacher_A, adapter.teacher_B = (t.clone() for t in factors)
+            d.teacher_head = None if saved["teacher_head"] is None else dict(saved["teacher_head"])
+            self.latest_validation = saved["latest_validation"]
+            self.teacher_validation = saved["teacher_validation"]

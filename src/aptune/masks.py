@@ -145,6 +145,7 @@ class MaskHooks:
         self.model = model
         self.masks = masks
         self.structure = structure
+        self.enabled = True  # False runs the model unmasked (the self-distillation teacher does)
         self._handles: list = []
         for i, site in enumerate(structure.attention):
             if site.num_heads:
@@ -182,7 +183,7 @@ class MaskHooks:
     def _head_hook(self, i: int, head_dim: int):
         def hook(module, args):
             mask = self.masks.heads[i]
-            if bool((mask == 1).all()):
+            if not self.enabled or bool((mask == 1).all()):
                 return None
             x = args[0]
             m = mask.to(x).repeat_interleave(head_dim)
@@ -193,23 +194,22 @@ class MaskHooks:
     def _neuron_hook(self, i: int):
         def hook(module, args):
             mask = self.masks.neurons[i]
-            if bool((mask == 1).all()):
+            if not self.enabled or bool((mask == 1).all()):
                 return None
             return (args[0] * mask.to(args[0]), *args[1:])
 
         return hook
 
-    @staticmethod
-    def _skip_hook(mask_list: list[Tensor], i: int, skip):
+    def _skip_hook(self, mask_list: list[Tensor], i: int, skip):
         def hook(module, args, kwargs, output):
-            if bool((mask_list[i] == 0).all()):
+            if self.enabled and bool((mask_list[i] == 0).all()):
                 return skip(module, args, kwargs, output)
             return None
 
         return hook
 
     def _hidden_full(self) -> bool:
-        return bool((self.masks.hidden == 1).all())
+        return not self.enabled or bool((self.masks.hidden == 1).all())
 
     def _hidden_input_hook(self, module, args):
         if self._hidden_full():

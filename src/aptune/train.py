@@ -258,7 +258,7 @@ def train(
             if controller is not None:
                 controller.before_forward()
             with accelerator.autocast():
-                loss = model(**batch).loss
+                loss = controller.compute_loss(batch) if controller is not None else model(**batch).loss
             accelerator.backward(loss)
             if controller is not None:
                 controller.after_backward()
@@ -282,6 +282,8 @@ def train(
                 started = time.perf_counter()
                 val = accuracy(model, loaders["validation"], device)
                 eval_time += time.perf_counter() - started
+                if controller is not None:
+                    controller.observe_validation(val)
                 history.append(
                     {
                         "step": step,
@@ -401,6 +403,8 @@ class _progress:
     def note(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
+        else:
+            print(text, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

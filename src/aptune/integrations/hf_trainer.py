@@ -42,6 +42,7 @@ of the same structure.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -296,6 +297,12 @@ class APTCallback(TrainerCallback):
         trainer = self._bound()
         check_supported(trainer)
         c = self.controller
+        if c.distiller is not None:
+            warnings.warn(
+                "the Trainer computes its own loss, so APT's self-distillation is not applied under APTCallback; "
+                "use aptune.train for it, or pass APTConfig(distill=False) to silence this warning",
+                stacklevel=2,
+            )
         if trainer.model is not c.model:
             raise ValueError(
                 "the Trainer trains a different model object than the one the APTController adapts"
