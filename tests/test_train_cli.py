@@ -85,13 +85,15 @@ def test_train_writes_a_loadable_pruned_model_and_report(tiny_folder, capsys):
             "--no-progress",
             "--max-length",
             "16",
+            # this tiny model only learns the task after ~70 steps; the distillation teacher must come after that
+            *("--salience-start", "40", "--warmup-end", "84", "--pruning-end", "110", "--distill-end", "130"),
         ]
     )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["density"] <= 0.5
-    assert report["metrics"]["best_validation"] >= 0.8  # learning itself is tested in test_controller.py
-    assert report["metrics"]["best_step"] >= report["apt_config"]["pruning_end"]
+    assert report["metrics"]["best_validation"] >= 0.85
+    assert report["metrics"]["best_step"] >= report["apt_config"]["distill_end"]  # structure final from there
     assert report["params_after"]["prunable"] < report["params_before"]["prunable"]
     assert report["steps"] == 6 * 24
     assert report["inference"]["final"]["throughput"] > 0

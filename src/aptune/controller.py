@@ -14,10 +14,11 @@ ranks. The model's own weights are saved by the training loop.
 
 With self-distillation (on by default for encoder families), the loop gets the loss from
 ``controller.compute_loss(batch)`` and reports validation metrics with ``observe_validation(metric)``: the
-teacher is the student's snapshot at the start of distillation, refreshed whenever a reported validation
-metric beats the teacher's (the official code's rule, checked at every evaluation rather than only at
-mask-decay windows: a stale early teacher caps the student), and at pruning checkpoints when no metric is
-reported.
+teacher is the student's snapshot at the start of distillation. At a pruning checkpoint it is refreshed
+when the reported validation metric beats the teacher's (the official code's rule), or at every checkpoint
+when no metric is reported. Because teacher and student share the frozen weights, pruned blocks stay masked
+(not removed) while a teacher uses them: they are removed physically at a refresh (the new teacher is the
+pruned student) and when distillation ends. Removing them earlier degraded the teacher in our runs.
 """
 
 from __future__ import annotations
@@ -148,13 +149,10 @@ class APTController:
     def observe_validation(self, metric: float) -> None:
         """Tell the controller the latest validation metric (higher is better).
 
-        While distilling, a metric better than the teacher's (the metric seen when it was snapshot) makes the
-        current student the new teacher.
+        At the next pruning checkpoint, a metric better than the teacher's (the one seen when it was taken)
+        makes the current student the new teacher.
         """
         self.latest_validation = float(metric)
-        if self.distilling and self.distiller.has_teacher and self._teacher_improved():
-            self.distiller.snapshot()
-            self.teacher_validation = self.latest_validation
 
     def _alive_layers(self) -> list[bool]:
         structure = describe(self.model)
@@ -193,9 +191,20 @@ class APTController:
         window = self.schedule.decay_window(self.step)
         if window.active and self.scores is not None:
             self._decay_masks(window.target, last=window.is_last)
-        if self.schedule.is_checkpoint(self.step):
-            return self._checkpoint()
-        return False
+        changed = self._checkpoint() if self.schedule.is_checkpoint(self.step) else False
+        if self.distiller is not None and self.step == self.config.distill_end and self._has_pruned_blocks():
+            self.prune_physically()  # distillation is over: the teacher no longer needs the removed blocks
+            changed = True
+        return changed
+
+    def _has_pruned_blocks(self) -> bool:
+        return self.masks.is_binary() and not all(bool((m == 1).all()) for m in self.masks.all_tensors())
+
+    @property
+    def final_structure_step(self) -> int:
+        """The step from which the structure no longer changes (the end of pruning, or of distillation)."""
+        c = self.config
+        return max(c.pruning_end, c.distill_end) if self.distiller is not None else c.pruning_end
 
     def _decay_masks(self, target: float, last: bool) -> None:
         shape = StructureShape.of(describe(self.model))
@@ -217,10 +226,17 @@ class APTController:
 
     def _checkpoint(self) -> bool:
         changed = False
-        if self.masks.is_binary() and not all(bool((m == 1).all()) for m in self.masks.all_tensors()):
-            self.prune_physically()
-            changed = True
-        if self.distiller is not None and self.distiller.has_teacher and self._teacher_improved():
+        if self.distiller is None or not self.distiller.has_teacher:
+            if self._has_pruned_blocks():
+                self.prune_physically()
+                changed = True
+        elif self._teacher_improved():
+            # The teacher shares the backbone, so removing blocks would remove them from the teacher too: while
+            # a teacher is in use, blocks stay masked and are removed only when the student becomes the new
+            # teacher (here) or when distillation ends.
+            if self._has_pruned_blocks():
+                self.prune_physically()
+                changed = True
             self.distiller.snapshot()
             self.teacher_validation = self.latest_validation
         budget = adapter_budget(
@@ -294,7 +310,7 @@ class APTController:
     def finish(self) -> nn.Module:
         """Remove hooks; compact whatever binary masks are left; return the model (adapters still attached)."""
         self.collector.remove()
-        if self.masks.is_binary() and not all(bool((m == 1).all()) for m in self.masks.all_tensors()):
+        if self._has_pruned_blocks():
             compact(self.model, self.masks)
         else:
             hooks = getattr(self.model, "_aptune_mask_hooks", None)

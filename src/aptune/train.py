@@ -229,7 +229,9 @@ def train(
     if config.method == "apt":
         controller = APTController(model, apt, total_steps=total, steps_per_epoch=steps_per_epoch)
         params = controller.trainable_parameters()
-        select_from = controller.config.pruning_end  # the best checkpoint is taken once pruning is over
+        select_from = (
+            controller.final_structure_step
+        )  # the best checkpoint is taken once the structure is final
     else:
         params = [p for p in model.parameters() if p.requires_grad]
         select_from = 0

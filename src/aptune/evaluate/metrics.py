@@ -15,9 +15,8 @@ def accuracy(model: nn.Module, batches: Iterable[dict], device: torch.device | s
     model.eval()
     right = total = 0
     for batch in batches:
-        if device is not None:
-            batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
+        batch = {k: (v.to(device) if device is not None else v) for k, v in batch.items()}
+        labels = batch.pop("labels")  # a copy: the caller's batch is left as it was
         logits = model(**batch).logits
         right += int((logits.argmax(-1) == labels).sum())
         total += len(labels)
