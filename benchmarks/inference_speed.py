@@ -23,7 +23,7 @@ from transformers import AutoModelForSequenceClassification
 
 import aptune
 import aptune.assets
-from aptune.compact import masks_for_shape, read_structure
+from aptune.compact import SavedStructure, masks_for_shape, read_structure
 from aptune.evaluate import measure_throughput
 
 
@@ -43,7 +43,10 @@ def main() -> None:
     args = parser.parse_args()
 
     structure_path = Path(args.structure)
-    saved = read_structure(structure_path if structure_path.is_dir() else structure_path.parent)
+    if structure_path.is_file():
+        saved = SavedStructure(**json.loads(structure_path.read_text()))
+    else:
+        saved = read_structure(structure_path)
     if saved is None:
         sys.exit(f"no aptune_structure.json at {args.structure}")
     dense_path = args.model or str(aptune.assets.minilm_path())

@@ -11,6 +11,17 @@ from aptune.budget import StructureShape, count_prunable
 from aptune.config import APTConfig, ConfigError
 from aptune.controller import APTController
 
+# 160 steps: salience from step 10, four checkpoints up to step 90, density 0.5, FFN widths in multiples of 8
+SMALL_SCHEDULE = APTConfig(
+    target_density=0.5,
+    ffn_multiple=8,
+    num_checkpoints=4,
+    salience_start=10,
+    pruning_end=90,
+    warmup_end=20,
+    decay_window=16,
+)
+
 
 def synthetic_batches(n_batches: int, seed: int, batch: int = 16, length: int = 10):
     """Class 0 uses tokens 2..39, class 1 tokens 40..79: separable, but only by reading the tokens."""
@@ -51,16 +62,7 @@ def test_tiny_bert_learns_while_pruning_to_half_density():
         "BertForSequenceClassification", num_labels=2, initializer_range=0.05, intermediate_size=64
     )
     train, valid = synthetic_batches(20, seed=0), synthetic_batches(8, seed=1)
-    config = APTConfig(
-        target_density=0.5,
-        ffn_multiple=8,
-        num_checkpoints=4,
-        salience_start=10,
-        pruning_end=90,
-        warmup_end=20,
-        decay_window=16,
-    )
-    controller = APTController(model, config, total_steps=160, steps_per_epoch=20)
+    controller = APTController(model, SMALL_SCHEDULE, total_steps=160, steps_per_epoch=20)
     base = controller.base_params
     run_apt(model, controller, train, epochs=8)
 

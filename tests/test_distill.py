@@ -3,9 +3,11 @@ and distillation that carries on across physical pruning."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from conftest import tiny_model
-from test_controller import accuracy, run_apt, synthetic_batches
+from test_controller import SMALL_SCHEDULE, accuracy, run_apt, synthetic_batches
 
 import aptune
 from aptune.adapter import APTLinear
@@ -13,16 +15,7 @@ from aptune.config import APTConfig
 from aptune.controller import APTController
 from aptune.distill import map_layers, prediction_loss, sample_teacher_layers
 
-CONFIG = APTConfig(
-    target_density=0.5,
-    ffn_multiple=8,
-    num_checkpoints=4,
-    salience_start=10,
-    pruning_end=90,
-    warmup_end=20,
-    decay_window=16,
-    distill=True,
-)
+CONFIG = replace(SMALL_SCHEDULE, distill=True)
 
 
 def make(seed=0, **overrides):

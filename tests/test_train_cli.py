@@ -187,3 +187,31 @@ def _broken(folder, name, text):
     path = folder / name
     path.write_text(text)
     return path
+
+
+def test_config_file_and_bf16_autocast(tiny_folder):
+    data = write_task(tiny_folder, n_train=64, n_eval=16)
+    config = tiny_folder / "run.yaml"
+    config.write_text(
+        f"model: {tiny_folder / 'model'}\ntrain: {data['train']}\nvalidation: {data['validation']}\n"
+        "target_density: 0.7\nffn_multiple: 8\nepochs: 1\nbatch_size: 8\nmixed_precision: bf16\n"
+        "measure_speed: false\nprogress: false\nadapter_targets: [q, v]\n"
+    )
+    out = tiny_folder / "yaml-run"
+    # the flag wins over the file
+    assert (
+        main(["train", "--config", str(config), "--epochs", "2", "--output", str(out), "--no-distill"]) == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_config"]["mixed_precision"] == "bf16"
+    assert report["train_config"]["epochs"] == 2.0 and report["steps"] == 16
+    assert report["apt_config"]["adapter_targets"] == ["q", "v"]
+    assert report["apt_config"]["target_density"] == 0.7 and report["density"] <= 0.7
+    assert aptune.load_pruned(out / "model") is not None
+
+
+def test_unknown_config_key_is_refused(tiny_folder, capsys):
+    config = tiny_folder / "bad.json"
+    config.write_text(json.dumps({"target_densty": 0.4}))
+    assert main(["train", "--config", str(config)]) == 2
+    assert "unknown config keys: target_densty" in capsys.readouterr().err

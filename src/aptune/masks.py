@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .arch import ModelStructure, describe
+from .sites import site_state, split_site_state
 
 
 class MaskError(ValueError):
@@ -106,20 +107,11 @@ class StructuralMasks:
             )
 
     def state_dict(self) -> dict[str, Tensor]:
-        out = {f"heads.{i}": m.clone() for i, m in enumerate(self.heads)}
-        out.update({f"neurons.{i}": m.clone() for i, m in enumerate(self.neurons)})
-        out["hidden"] = self.hidden.clone()
-        return out
+        return site_state(self.heads, self.neurons, self.hidden)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> StructuralMasks:
-        n_heads = sum(k.startswith("heads.") for k in state)
-        n_ffn = sum(k.startswith("neurons.") for k in state)
-        return cls(
-            [state[f"heads.{i}"] for i in range(n_heads)],
-            [state[f"neurons.{i}"] for i in range(n_ffn)],
-            state["hidden"],
-        )
+        return cls(*split_site_state(state))
 
 
 # -- applying masks with hooks -------------------------------------------------------------------------

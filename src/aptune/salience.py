@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import ModelStructure
+from .sites import site_state, split_site_state
 
 
 def kurtosis(x: Tensor, dim: int = -1) -> Tensor:
@@ -80,20 +81,11 @@ class BlockScores:
         )
 
     def state_dict(self) -> dict[str, Tensor]:
-        out = {f"heads.{i}": t for i, t in enumerate(self.heads)}
-        out.update({f"neurons.{i}": t for i, t in enumerate(self.neurons)})
-        out["hidden"] = self.hidden
-        return out
+        return site_state(self.heads, self.neurons, self.hidden)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> BlockScores:
-        n_h = sum(k.startswith("heads.") for k in state)
-        n_f = sum(k.startswith("neurons.") for k in state)
-        return cls(
-            [state[f"heads.{i}"] for i in range(n_h)],
-            [state[f"neurons.{i}"] for i in range(n_f)],
-            state["hidden"],
-        )
+        return cls(*split_site_state(state))
 
 
 class _Site:

@@ -198,6 +198,18 @@ def prepare(config: TrainConfig) -> Prepared:
     return Prepared(model, tokenizer, loaders, model_path)
 
 
+def _accelerator(config: TrainConfig):
+    """An Accelerator for this run. Accelerate keeps one state per process; a single-process run that asks
+    for other settings than an earlier run in the same process (a notebook, a test suite) starts it afresh."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("distributed_type") is not None and state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
@@ -206,14 +218,13 @@ def train(
     config: TrainConfig, apt: APTConfig | None = None, prepared: Prepared | None = None
 ) -> dict[str, Any]:
     """Run one training job and return its report (also written to ``OUTPUT/report.json``)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     apt = apt or APTConfig()
     set_seed(config.seed)
     prepared = prepared or prepare(config)
     model, loaders = prepared.model, prepared.loaders
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    accelerator = _accelerator(config)
     device = accelerator.device
     model.to(device)
     out = Path(config.output_dir)
