@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -98,7 +99,7 @@ def main() -> None:
         "machine": {
             "device": args.device,
             "processor": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(),
+            "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         },

@@ -12,6 +12,7 @@ from .compact import PrunedModelError, compact, load_pruned, read_structure, sav
 from .config import APTConfig, ConfigError
 from .controller import APTController
 from .masks import MaskError, StructuralMasks, apply_masks
+from .train import TrainConfig, train
 
 __version__ = "0.1.0.dev0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "PrunedModelError",
     "StructuralMasks",
     "StructureShape",
+    "TrainConfig",
     "UnsupportedModelError",
     "apply_masks",
     "compact",
@@ -38,4 +40,5 @@ __all__ = [
     "param_report",
     "read_structure",
     "save_pruned",
+    "train",
 ]

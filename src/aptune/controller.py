@@ -23,6 +23,7 @@ pruned student) and when distillation ends. Removing them earlier degraded the t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -298,8 +299,6 @@ class APTController:
         heads = [int((m > 0).sum()) for m in self.masks.heads]
         neurons = [int((m > 0).sum()) for m in self.masks.neurons]
         hidden = int((self.masks.hidden > 0).sum())
-        from dataclasses import replace
-
         masked = StructureShape(
             hidden,
             tuple(replace(a, heads=h, kv_heads=h) for a, h in zip(shape.attention, heads, strict=True)),

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import resource
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -258,7 +260,8 @@ def train(
     best_state: dict[str, torch.Tensor] | None = None
     train_time = eval_time = 0.0
     step = 0
-    progress = _progress(total, config.progress)
+    density, n_trainable = 1.0, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    progress = _Progress(total, config.progress)
     model.train()
     while step < total:
         for batch in loaders["train"]:
@@ -287,11 +290,13 @@ def train(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_time += time.perf_counter() - started
-            density = controller.density() if controller is not None else 1.0
-            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            evaluate_now = step % eval_every == 0 or step == total
+            if step % 10 == 0 or evaluate_now:  # bookkeeping off the hot path
+                density = controller.density() if controller is not None else 1.0
+                n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             progress.update(loss=float(loss.detach()), density=density, trainable=n_trainable)
 
-            if step % eval_every == 0 or step == total:
+            if evaluate_now:
                 started = time.perf_counter()
                 val = accuracy(model, loaders["validation"], device)
                 eval_time += time.perf_counter() - started
@@ -329,7 +334,7 @@ def train(
     save_pruned(model, out / "model", tokenizer=prepared.tokenizer)
 
     report: dict[str, Any] = {
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),
         "method": config.method,
         "metrics": metrics,
         "density": final_report["density"],
@@ -384,7 +389,7 @@ def environment(device) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -396,7 +401,7 @@ def environment(device) -> dict[str, Any]:
     return env
 
 
-class _progress:
+class _Progress:
     """A tqdm bar with loss, density and trainable parameters; silent when disabled."""
 
     def __init__(self, total: int, enabled: bool):
