@@ -215,3 +215,19 @@ def test_unknown_config_key_is_refused(tiny_folder, capsys):
     config.write_text(json.dumps({"target_densty": 0.4}))
     assert main(["train", "--config", str(config)]) == 2
     assert "unknown config keys: target_densty" in capsys.readouterr().err
+
+
+def test_peft_lora_runs_through_the_same_harness(tiny_folder):
+    data = write_task(tiny_folder, n_train=64, n_eval=16)
+    out = tiny_folder / "lora"
+    argv = ["train", "--method", "lora", "--lora-rank", "4", "--model", str(tiny_folder / "model")]
+    argv += ["--train", str(data["train"]), "--validation", str(data["validation"]), "--epochs", "1"]
+    argv += ["--batch-size", "8", "--output", str(out), "--no-progress", "--no-measure-speed"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["density"] == 1.0 and report["steps"] == 8
+    # LoRA on q and v of 3 layers (rank 4, 32 -> 32) plus the classifier, which PEFT trains fully
+    first = report["history"][0]
+    assert first["trainable_params"] == 3 * 2 * 4 * (32 + 32) + (32 * 2 + 2)
+    model = aptune.load_pruned(out / "model")
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged at the end

@@ -146,8 +146,9 @@ def build_configs(values: dict[str, Any]):
     if "adapter_targets" in apt_values:
         apt_values["adapter_targets"] = tuple(apt_values["adapter_targets"])
     train_values = {k: v for k, v in values.items() if k in train_keys}
-    if train_values.get("text_fields") is not None:
-        train_values["text_fields"] = tuple(train_values["text_fields"])
+    for key in ("text_fields", "lora_targets"):
+        if train_values.get(key) is not None:
+            train_values[key] = tuple(train_values[key])
     return (
         TrainConfig(**train_values),
         APTConfig(**apt_values),

@@ -29,12 +29,12 @@ from torch import nn
 from .adapter import merge_adapters
 from .budget import param_report
 from .compact import save_pruned
-from .config import APTConfig, ConfigError
+from .config import ADAPTER_ROLES, APTConfig, ConfigError
 from .controller import APTController
 from .evaluate import accuracy, measure_throughput
 
-METHODS = ("apt", "full")
-DEFAULT_LR = {"apt": 1e-3, "full": 5e-5}
+METHODS = ("apt", "full", "lora")
+DEFAULT_LR = {"apt": 1e-3, "full": 5e-5, "lora": 5e-4}
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,9 @@ class TrainConfig:
     label_field: str = "label"
     tokenizer: str | None = None  # defaults to the model folder
     output_dir: str = "runs/aptune"
-    method: str = "apt"
+    method: str = "apt"  # apt | full (full fine-tuning) | lora (PEFT LoRA, merged at the end)
+    lora_rank: int = 8  # method "lora"
+    lora_targets: tuple[str, ...] = ("q", "v")  # method "lora": projections by role, found through the spec
     epochs: float = 3.0
     max_steps: int | None = None
     batch_size: int = 32
@@ -79,6 +81,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lora_rank < 1:
+            raise ConfigError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        bad = [r for r in self.lora_targets if r not in ADAPTER_ROLES]
+        if bad:
+            raise ConfigError(f"unknown LoRA targets {bad}; choose from {', '.join(ADAPTER_ROLES)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -212,6 +219,33 @@ def _accelerator(config: TrainConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
 
 
+def attach_peft_lora(model: nn.Module, rank: int, roles: tuple[str, ...]) -> nn.Module:
+    """PEFT LoRA (alpha = 2 x rank) on the projections with the given roles, found through the arch spec.
+
+    The task head is trained fully (PEFT's sequence-classification default). Needs ``pip install peft``.
+    """
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError:
+        raise ConfigError("method 'lora' needs PEFT: pip install peft") from None
+    from .arch import describe
+
+    structure = describe(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = [
+        names[id(getattr(site, role))]
+        for site in [*structure.attention, *structure.ffn]
+        for role in roles
+        if getattr(site, role, None) is not None
+    ]
+    if not targets:
+        raise ConfigError(f"no projections with roles {list(roles)} in this model")
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets
+    )
+    return get_peft_model(model, config)
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
@@ -239,15 +273,15 @@ def train(
     dense_report = param_report(model)
 
     controller = None
+    select_from = 0
     if config.method == "apt":
         controller = APTController(model, apt, total_steps=total, steps_per_epoch=steps_per_epoch)
         params = controller.trainable_parameters()
-        select_from = (
-            controller.final_structure_step
-        )  # the best checkpoint is taken once the structure is final
+        select_from = controller.final_structure_step  # the best checkpoint once the structure is final
     else:
+        if config.method == "lora":
+            model = attach_peft_lora(model, config.lora_rank, config.lora_targets)
         params = [p for p in model.parameters() if p.requires_grad]
-        select_from = 0
 
     def new_optimizer(parameters):
         return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -324,6 +358,8 @@ def train(
     if controller is not None:
         model = controller.finish()
         merge_adapters(model)
+    elif config.method == "lora":
+        model = model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
