@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny_model
+from test_controller import SMALL_SCHEDULE
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import aptune
 from aptune.budget import StructureShape, count_prunable
-from aptune.config import APTConfig
 from aptune.controller import APTController
 from aptune.integrations import APTCallback, UnsupportedTrainerSetup, training_steps
 
-CONFIG = APTConfig(
-    distill=False,  # the Trainer computes its own loss: no self-distillation under the callback
-    target_density=0.5,
-    ffn_multiple=8,
-    num_checkpoints=4,
-    salience_start=10,
-    pruning_end=90,
-    warmup_end=20,
-    decay_window=16,
-)
+# the Trainer computes its own loss: no self-distillation under the callback
+CONFIG = replace(SMALL_SCHEDULE, distill=False)
 LR = 3e-3
 
 
