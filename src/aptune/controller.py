@@ -180,7 +180,8 @@ class APTController:
             return
         self.scores = self.collector.scores().blend(self.scores, self.config.beta)
         for i, adapter in enumerate(self.adapters):
-            self.rank_scores[i] = ema(self.rank_scores[i], adapter.rank_salience().cpu(), self.config.beta)
+            # kept on the adapter's device: no host sync per adapter per step
+            self.rank_scores[i] = ema(self.rank_scores[i], adapter.rank_salience(), self.config.beta)
         self.collector.stop()
 
     def after_step(self) -> bool:
@@ -252,7 +253,7 @@ class APTController:
         for i, rank in grown.items():
             scores = self.rank_scores[i]
             if scores is not None:
-                self.rank_scores[i] = torch.cat([scores, torch.zeros(rank - len(scores))])
+                self.rank_scores[i] = torch.cat([scores, scores.new_zeros(rank - len(scores))])
         self.history.append(
             {
                 "step": self.step,
