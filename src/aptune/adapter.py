@@ -162,6 +162,12 @@ class APTLinear(nn.Module):
             self.lora_A = nn.Parameter(cols, requires_grad=A.requires_grad)
 
     @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """``W0 + s B A`` in the base weight's dtype (the weight the layer effectively applies)."""
+        w = self.base.weight
+        return (w.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scale).to(w.dtype)
+
+    @torch.no_grad()
     def merge(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing ``(W0 + s B A) x + b`` (the export path).
 
@@ -172,8 +178,7 @@ class APTLinear(nn.Module):
         merged = nn.Linear(
             self.in_features, self.out_features, bias=base.bias is not None, device=w.device, dtype=w.dtype
         )
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        merged.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=w.requires_grad)
+        merged.weight = nn.Parameter(self.merged_weight(), requires_grad=w.requires_grad)
         if base.bias is not None:
             merged.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=base.bias.requires_grad)
         return merged

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .arch import ModelStructure, describe, get_spec
 from .budget import StructureShape
-from .masks import MaskError, StructuralMasks, attached_masks
+from .masks import MaskError, StructuralMasks, attached_masks, remove_masks
 
 STRUCTURE_FILE = "aptune_structure.json"
 FORMAT_VERSION = 1
@@ -94,7 +94,6 @@ def compact(model: nn.Module, masks: StructuralMasks | None = None) -> nn.Module
     outputs equal those of the masked model.
     """
     spec = get_spec(model)
-    hooks = getattr(model, "_aptune_mask_hooks", None)
     if masks is None:
         masks = attached_masks(model)
         if masks is None:
@@ -107,8 +106,7 @@ def compact(model: nn.Module, masks: StructuralMasks | None = None) -> nn.Module
             f"compact() needs binary masks (0 or 1); found fractional values such as {bad[0][(bad[0] != 0) & (bad[0] != 1)][0].item():g}. "
             "Finish the mask decay (or round the masks) before compacting"
         )
-    if hooks is not None:
-        hooks.remove()
+    remove_masks(model)
     if not hasattr(model, "_aptune_base_shape"):
         model._aptune_base_shape = StructureShape.of(structure)
 

@@ -35,7 +35,7 @@ from .budget import StructureShape, count_prunable
 from .compact import compact
 from .config import APTConfig
 from .distill import SelfDistiller
-from .masks import StructuralMasks, apply_masks
+from .masks import StructuralMasks, apply_masks, remove_masks
 from .salience import BlockScores, SalienceCollector, ema
 from .schedule import adapter_budget, distill_weight, mask_decay_tensor, pruning_schedule
 from .selection import select_blocks
@@ -312,10 +312,7 @@ class APTController:
         self.collector.remove()
         if self._has_pruned_blocks():
             compact(self.model, self.masks)
-        else:
-            hooks = getattr(self.model, "_aptune_mask_hooks", None)
-            if hooks is not None:
-                hooks.remove()
+        remove_masks(self.model)
         return self.model
 
     def state_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapter import APTLinear
+from .masks import attached_hooks
 
 # -- pure loss functions ---------------------------------------------------------------------------------
 
@@ -137,7 +138,7 @@ class SelfDistiller:
     @contextmanager
     def teacher_mode(self) -> Iterator[None]:
         """Run the shared model as the teacher: snapshot factors and head, no structural masks, no grad."""
-        hooks = getattr(self.model, "_aptune_mask_hooks", None)
+        hooks = attached_hooks(self.model)
         adapters = self.adapters()
         live = {name: p.data for name, p in self.head_parameters.items()}
         was_training = self.model.training

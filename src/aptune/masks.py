@@ -227,12 +227,22 @@ def apply_masks(model: nn.Module, masks: StructuralMasks | None = None) -> MaskH
     Any masks applied earlier are removed first. Returns the :class:`MaskHooks`; its ``masks`` attribute
     holds the live masks, and :func:`aptune.compact` finds them on the model.
     """
-    old = getattr(model, "_aptune_mask_hooks", None)
-    if old is not None:
-        old.remove()
+    remove_masks(model)
     return MaskHooks(model, masks if masks is not None else StructuralMasks.for_model(model))
 
 
+def attached_hooks(model: nn.Module) -> MaskHooks | None:
+    """The :class:`MaskHooks` applied to ``model``, if any."""
+    return getattr(model, "_aptune_mask_hooks", None)
+
+
 def attached_masks(model: nn.Module) -> StructuralMasks | None:
-    hooks = getattr(model, "_aptune_mask_hooks", None)
+    hooks = attached_hooks(model)
     return hooks.masks if hooks is not None else None
+
+
+def remove_masks(model: nn.Module) -> None:
+    """Take away the mask hooks applied to ``model`` (nothing happens when there are none)."""
+    hooks = attached_hooks(model)
+    if hooks is not None:
+        hooks.remove()
