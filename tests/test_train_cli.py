@@ -37,8 +37,8 @@ def write_task(folder, n_train=192, n_eval=64, seed=0):
     return paths
 
 
-@pytest.fixture
-def tiny_folder(tmp_path):
+def make_tiny_folder(tmp_path):
+    """A tiny random BERT classifier with a word-level tokenizer, saved under ``tmp_path / "model"``."""
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]))
     tokenizer = BertTokenizerFast(vocab=str(vocab))
@@ -52,6 +52,11 @@ def tiny_folder(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     return tmp_path
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    return make_tiny_folder(tmp_path)
 
 
 def test_train_writes_a_loadable_pruned_model_and_report(tiny_folder, capsys):

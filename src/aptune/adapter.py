@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -216,6 +217,39 @@ def wrap_linear(
     return adapter
 
 
+def add_adapters(model: nn.Module, roles: Sequence[str], rank: int = 8) -> list[APTLinear]:
+    """Wrap the projections with the given roles (``q``, ``v``, ``up``, ...) of every live site in adapters.
+
+    Projections are found through the model's architecture spec; roles a site does not have (``gate`` in
+    BERT) are skipped. Returns the adapters in site order.
+    """
+    from .arch import describe
+
+    structure = describe(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = [
+        getattr(site, role, None)
+        for site in structure.attention
+        if site.num_heads
+        for role in roles
+        if role in ("q", "k", "v", "o")
+    ]
+    targets += [
+        getattr(site, role, None)
+        for site in structure.ffn
+        if site.num_neurons
+        for role in roles
+        if role in ("up", "gate", "down")
+    ]
+    adapters = []
+    for linear in targets:
+        if linear is None:
+            continue
+        parent, _, attr = names[id(linear)].rpartition(".")
+        adapters.append(wrap_linear(model.get_submodule(parent), attr, rank=rank))
+    return adapters
+
+
 def merge_adapters(model: nn.Module) -> int:
     """Replace every :class:`APTLinear` inside ``model`` by its merged ``nn.Linear``; return how many.
 
@@ -244,6 +278,7 @@ def adapter_param_count(module: nn.Module) -> int:
 
 __all__ = [
     "APTLinear",
+    "add_adapters",
     "adapter_importance",
     "adapter_param_count",
     "merge_adapters",

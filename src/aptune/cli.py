@@ -1,8 +1,8 @@
 """The ``aptune`` command line. Each subcommand is a thin layer over the library.
 
-``aptune train`` has one flag per field of :class:`aptune.train.TrainConfig` and :class:`aptune.APTConfig`
-(``--target-density`` for ``target_density``, and so on), built from the dataclasses so they never drift
-apart. ``--config FILE`` (JSON or YAML) sets the same keys; flags given on the command line win.
+``aptune train`` has one flag per field of :class:`aptune.train.TrainConfig`, :class:`aptune.APTConfig` and
+:class:`aptune.methods.BaselineConfig` (``--target-density`` for ``target_density``, and so on), built from
+the dataclasses so they never drift apart. ``--config FILE`` (JSON or YAML) sets the same keys; flags given on the command line win.
 """
 
 from __future__ import annotations
@@ -134,12 +134,14 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def build_configs(values: dict[str, Any]):
-    """Split a flat mapping of keys into (TrainConfig, APTConfig); unknown keys are an error."""
+    """Split a flat mapping of keys into (TrainConfig, APTConfig, BaselineConfig); unknown keys are an error."""
+    from .methods import BaselineConfig
     from .train import TrainConfig
 
     train_keys = {f.name for f in fields(TrainConfig)}
     apt_keys = {f.name for f in fields(APTConfig)}
-    unknown = sorted(set(values) - train_keys - apt_keys)
+    baseline_keys = {f.name for f in fields(BaselineConfig)}
+    unknown = sorted(set(values) - train_keys - apt_keys - baseline_keys)
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
     apt_values = {k: v for k, v in values.items() if k in apt_keys}
@@ -152,6 +154,7 @@ def build_configs(values: dict[str, Any]):
     return (
         TrainConfig(**train_values),
         APTConfig(**apt_values),
+        BaselineConfig(**{k: v for k, v in values.items() if k in baseline_keys}),
     )
 
 
@@ -166,9 +169,9 @@ def _collect(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -
 def _train(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> int:
     from .train import prepare, train
 
-    train_config, apt_config = build_configs(_collect(args, defaults))
+    train_config, apt_config, baseline_config = build_configs(_collect(args, defaults))
     prepared = prepare(train_config)  # every input is checked here, before any training
-    report = train(train_config, apt_config, prepared)
+    report = train(train_config, apt_config, prepared, baseline_config)
     print_summary(report, train_config.output_dir)
     return 0
 
@@ -219,6 +222,7 @@ def print_summary(report: dict[str, Any], output_dir: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .methods import BaselineConfig
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -241,8 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", help="JSON or YAML file with config keys (flags win)")
         _add_config_flags(p, TrainConfig, "run")
-        _add_config_flags(p, APTConfig, "APT")
+        _add_config_flags(
+            p, APTConfig, "APT (target_density and ffn_multiple also set the baselines' target)"
+        )
+        _add_config_flags(p, BaselineConfig, "pruning baselines (lora-prune, loraprune, llm-pruner)")
         p.set_defaults(func=func)
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import APTLinear, wrap_linear
+from .adapter import add_adapters
 from .arch import describe
 from .budget import StructureShape, count_prunable
 from .compact import compact
@@ -44,29 +44,6 @@ from .tuner import adapter_params, grow_ranks, importance_of
 ENCODER_FAMILIES = ("bert", "t5")
 
 
-def _attach_adapters(model: nn.Module, config: APTConfig) -> list[APTLinear]:
-    names = {id(m): n for n, m in model.named_modules()}
-    structure = describe(model)
-    targets = []
-    for site in structure.attention:
-        if site.num_heads:
-            targets += [
-                getattr(site, role) for role in config.adapter_targets if role in ("q", "k", "v", "o")
-            ]
-    for site in structure.ffn:
-        if site.num_neurons:
-            targets += [
-                getattr(site, role) for role in config.adapter_targets if role in ("up", "gate", "down")
-            ]
-    adapters = []
-    for linear in targets:
-        if linear is None:
-            continue
-        parent, _, attr = names[id(linear)].rpartition(".")
-        adapters.append(wrap_linear(model.get_submodule(parent), attr, rank=config.initial_rank))
-    return adapters
-
-
 class APTController:
     """Adaptive pruning and tuning of one model. See the module docstring for the call order."""
 
@@ -76,7 +53,7 @@ class APTController:
         c = self.config
         for p in model.parameters():
             p.requires_grad_(False)
-        self.adapters = _attach_adapters(model, c)
+        self.adapters = add_adapters(model, c.adapter_targets, rank=c.initial_rank)
         if c.train_head:
             for module in describe(model).head_modules.values():
                 for p in module.parameters():

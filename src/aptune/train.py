@@ -26,15 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import merge_adapters
 from .budget import param_report
 from .compact import save_pruned
 from .config import ADAPTER_ROLES, APTConfig, ConfigError
-from .controller import APTController
 from .evaluate import accuracy, measure_throughput
+from .methods import BaselineConfig, build_method, check_supported, lr_factor, method_info, method_names
 
-METHODS = ("apt", "full", "lora")
-DEFAULT_LR = {"apt": 1e-3, "full": 5e-5, "lora": 5e-4}
+METHODS = method_names()  # the registered methods (aptune.methods.register adds more)
 
 
 @dataclass(frozen=True)
@@ -50,15 +48,16 @@ class TrainConfig:
     label_field: str = "label"
     tokenizer: str | None = None  # defaults to the model folder
     output_dir: str = "runs/aptune"
-    method: str = "apt"  # apt | full (full fine-tuning) | lora (PEFT LoRA, merged at the end)
-    lora_rank: int = 8  # method "lora"
-    lora_targets: tuple[str, ...] = ("q", "v")  # method "lora": projections by role, found through the spec
+    method: str = "apt"  # apt | full | lora | lora-prune | loraprune | llm-pruner (see aptune.methods)
+    lora_rank: int = 8  # the baselines' LoRA rank (alpha = 2 x rank)
+    lora_targets: tuple[str, ...] | None = None  # the baselines' LoRA roles; default per method (q, v; all
+    # projections for loraprune, whose importance needs an adapter on each)
     epochs: float = 3.0
     max_steps: int | None = None
     batch_size: int = 32
     eval_batch_size: int = 128
     max_length: int = 64
-    learning_rate: float | None = None  # default per method: apt 1e-3, full 5e-5
+    learning_rate: float | None = None  # default per method: apt 1e-3, full 5e-5, LoRA-based 5e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
@@ -70,8 +69,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        method_info(self.method)  # unknown names fail here
         if self.mixed_precision not in ("no", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.epochs <= 0 and not self.max_steps:
@@ -83,7 +81,7 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        bad = [r for r in self.lora_targets if r not in ADAPTER_ROLES]
+        bad = [r for r in self.lora_targets or () if r not in ADAPTER_ROLES]
         if bad:
             raise ConfigError(f"unknown LoRA targets {bad}; choose from {', '.join(ADAPTER_ROLES)}")
         if not 0 <= self.warmup_ratio < 1:
@@ -91,17 +89,10 @@ class TrainConfig:
 
     @property
     def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+        return self.learning_rate if self.learning_rate is not None else method_info(self.method).default_lr
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then linear decay to 0 at ``total``."""
-    if warmup and step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
 def peak_rss_mb() -> float:
@@ -193,7 +184,7 @@ def prepare(config: TrainConfig) -> Prepared:
     model = load_classifier(model_path, list(data.task.labels))
     from .arch import get_spec
 
-    get_spec(model)  # unsupported families fail here, before any training
+    check_supported(config.method, get_spec(model).family)  # unsupported families fail here, before training
     encoded = encode_splits(tokenizer, data, max_length=config.max_length)
     collate = PaddingCollator.from_tokenizer(tokenizer)
     loaders = {
@@ -201,6 +192,10 @@ def prepare(config: TrainConfig) -> Prepared:
             encoded["train"], config.batch_size, shuffle=True, seed=config.seed, collate_fn=collate
         )
     }
+    # a separate shuffle for the methods that calibrate on training batches, so the training order stays put
+    loaders["calibration"] = make_dataloader(
+        encoded["train"], config.batch_size, shuffle=True, seed=config.seed + 1, collate_fn=collate
+    )
     for split in ("validation", "test"):
         if split in encoded:
             loaders[split] = make_dataloader(encoded[split], config.eval_batch_size, collate_fn=collate)
@@ -219,44 +214,25 @@ def _accelerator(config: TrainConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
 
 
-def attach_peft_lora(model: nn.Module, rank: int, roles: tuple[str, ...]) -> nn.Module:
-    """PEFT LoRA (alpha = 2 x rank) on the projections with the given roles, found through the arch spec.
-
-    The task head is trained fully (PEFT's sequence-classification default). Needs ``pip install peft``.
-    """
-    try:
-        from peft import LoraConfig, TaskType, get_peft_model
-    except ImportError:
-        raise ConfigError("method 'lora' needs PEFT: pip install peft") from None
-    from .arch import describe
-
-    structure = describe(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    targets = [
-        names[id(getattr(site, role))]
-        for site in [*structure.attention, *structure.ffn]
-        for role in roles
-        if getattr(site, role, None) is not None
-    ]
-    if not targets:
-        raise ConfigError(f"no projections with roles {list(roles)} in this model")
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets
-    )
-    return get_peft_model(model, config)
-
-
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def train(
-    config: TrainConfig, apt: APTConfig | None = None, prepared: Prepared | None = None
+    config: TrainConfig,
+    apt: APTConfig | None = None,
+    prepared: Prepared | None = None,
+    baseline: BaselineConfig | None = None,
 ) -> dict[str, Any]:
-    """Run one training job and return its report (also written to ``OUTPUT/report.json``)."""
+    """Run one training job and return its report (also written to ``OUTPUT/report.json``).
+
+    ``apt`` holds APT's knobs and the pruning target every pruning method shares (``target_density``,
+    ``ffn_multiple``); ``baseline`` the knobs of the pruning baselines.
+    """
     from accelerate.utils import set_seed
 
     apt = apt or APTConfig()
+    baseline = baseline or BaselineConfig()
     set_seed(config.seed)
     prepared = prepared or prepare(config)
     model, loaders = prepared.model, prepared.loaders
@@ -267,34 +243,42 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
 
     steps_per_epoch = len(loaders["train"])
-    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    warmup = int(config.warmup_ratio * total)
+    length = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
     dense_report = param_report(model)
 
-    controller = None
-    select_from = 0
-    if config.method == "apt":
-        controller = APTController(model, apt, total_steps=total, steps_per_epoch=steps_per_epoch)
-        params = controller.trainable_parameters()
-        select_from = controller.final_structure_step  # the best checkpoint once the structure is final
-    else:
-        if config.method == "lora":
-            model = attach_peft_lora(model, config.lora_rank, config.lora_targets)
-        params = [p for p in model.parameters() if p.requires_grad]
+    def calibration():
+        return ({k: v.to(device) for k, v in b.items()} for b in loaders.get("calibration", loaders["train"]))
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()  # building a method may already prune (llm-pruner at step 0): timed
+    method = build_method(
+        config.method,
+        model,
+        total_steps=length,
+        steps_per_epoch=steps_per_epoch,
+        apt=apt,
+        baseline=baseline,
+        lora_rank=config.lora_rank,
+        lora_targets=config.lora_targets,
+        calibration=calibration,
+    )
+    model = method.model
+    total = method.total_steps
+    select_from = method.final_structure_step  # the best checkpoint is taken once the structure is final
 
     def new_optimizer(parameters):
         return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
-    optimizer = new_optimizer(params)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    optimizer = new_optimizer(method.trainable_parameters())
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"validation": -1.0}
     best_state: dict[str, torch.Tensor] | None = None
-    train_time = eval_time = 0.0
+    train_time = time.perf_counter() - started
+    eval_time = 0.0
     step = 0
-    density, n_trainable = 1.0, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    density, n_trainable = method.density(), sum(p.numel() for p in model.parameters() if p.requires_grad)
     progress = _Progress(total, config.progress)
     model.train()
     while step < total:
@@ -303,15 +287,14 @@ def train(
                 break
             started = time.perf_counter()
             batch = {k: v.to(device) for k, v in batch.items()}
+            lr = config.lr * lr_factor(step, total, config.warmup_ratio, method.lr_restarts)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, config.lr, warmup)
-            if controller is not None:
-                controller.before_forward()
+                group["lr"] = lr
+            method.before_forward()
             with accelerator.autocast():
-                loss = controller.compute_loss(batch) if controller is not None else model(**batch).loss
+                loss = method.compute_loss(batch)
             accelerator.backward(loss)
-            if controller is not None:
-                controller.after_backward()
+            method.after_backward()
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
@@ -319,14 +302,15 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if controller is not None and controller.after_step():
-                optimizer = new_optimizer(controller.trainable_parameters())
+            if method.after_step():
+                model = method.model
+                optimizer = new_optimizer(method.trainable_parameters())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_time += time.perf_counter() - started
-            evaluate_now = step % eval_every == 0 or step == total
+            evaluate_now = step % eval_every == 0 or step in (total, select_from)
             if step % 10 == 0 or evaluate_now:  # bookkeeping off the hot path
-                density = controller.density() if controller is not None else 1.0
+                density = method.density()
                 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             progress.update(loss=float(loss.detach()), density=density, trainable=n_trainable)
 
@@ -334,8 +318,7 @@ def train(
                 started = time.perf_counter()
                 val = accuracy(model, loaders["validation"], device)
                 eval_time += time.perf_counter() - started
-                if controller is not None:
-                    controller.observe_validation(val)
+                method.observe_validation(val)
                 history.append(
                     {
                         "step": step,
@@ -355,11 +338,7 @@ def train(
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
-    if controller is not None:
-        model = controller.finish()
-        merge_adapters(model)
-    elif config.method == "lora":
-        model = model.merge_and_unload()
+    model = method.finish()
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -382,10 +361,13 @@ def train(
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         "steps": step,
         "steps_per_epoch": steps_per_epoch,
+        "final_structure_step": select_from,
         "history": history,
-        "apt_history": controller.history if controller is not None else [],
+        "method_history": method.history,
+        "apt_history": method.history if config.method == "apt" else [],
         "train_config": config.to_dict(),
-        "apt_config": controller.config.to_dict() if controller is not None else None,
+        "apt_config": method.config_dict() if config.method == "apt" else None,
+        "method_config": method.config_dict(),
         "environment": environment(device),
     }
     if config.measure_speed:
@@ -466,8 +448,12 @@ class _Progress:
 
 
 def config_fields() -> dict[str, list[str]]:
-    """Field names of the two configs (the CLI builds its flags from these)."""
-    return {"train": [f.name for f in fields(TrainConfig)], "apt": [f.name for f in fields(APTConfig)]}
+    """Field names of the three configs (the CLI builds its flags from these)."""
+    return {
+        "train": [f.name for f in fields(TrainConfig)],
+        "apt": [f.name for f in fields(APTConfig)],
+        "baseline": [f.name for f in fields(BaselineConfig)],
+    }
 
 
-__all__ = ["TrainConfig", "config_fields", "lr_at", "prepare", "train"]
+__all__ = ["METHODS", "TrainConfig", "config_fields", "prepare", "train"]

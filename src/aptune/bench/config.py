@@ -1,0 +1,307 @@
+"""BenchConfig: the settings of one ``aptune bench`` run, validated on construction, and the presets.
+
+Values come from, lowest priority first: the dataclass defaults, a preset (:data:`PRESETS`), a config file
+(JSON or YAML, keys are the field names) and command-line flags. ``method_args`` and ``train_args`` are
+``aptune train`` flags; per-method flags from several sources are concatenated, so a later source overrides
+single flags of an earlier one (argparse keeps the last value of a repeated flag) and keeps the others.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from .variants import base_method, default_methods, variants
+
+# Preset values, in one place so they are easy to tune. Explicit flags and config-file keys override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # MiniLM on rt-polarity with a short schedule, meant to finish within 30 minutes on 2 CPU cores. Measured
+    # per-step times there (40-step runs): full 0.84 s, LoRA 0.59 s, APT 0.36 s, LoRAPrune 0.48 s; one epoch
+    # is 268 steps and one validation pass about 8 s. lora-prune trains LoRA for one epoch, prunes (Fisher and
+    # rescaling on 8 batches), then retrains for one epoch.
+    "cpu-small": {
+        "model": "",  # the packaged all-MiniLM-L6-v2
+        "data": "rt-polarity",
+        "epochs": 1.0,
+        "batch_size": 32,
+        "max_length": 64,
+        "evals_per_epoch": 4,
+        "target_density": 0.4,
+        "cpu": True,
+        "inference_batch_size": 32,
+        "inference_length": 64,
+        "inference_dtype": "float32",
+        "inference_device": "cpu",
+        "method_args": {
+            "full": "--learning-rate 5e-5",
+            "lora": "--learning-rate 5e-4",
+            "apt": "--learning-rate 1e-3",  # also apt-nodistill: flags of a base method apply to its variants
+            "lora-prune": "--calibration-batches 8",
+            "llm-pruner": "--calibration-batches 8",
+        },
+    },
+    # The full schedule on one GPU; inference at the APT paper's batch and length, in bf16.
+    "gpu": {
+        "model": "",
+        "data": "rt-polarity",
+        "epochs": 6.0,
+        "batch_size": 32,
+        "max_length": 64,
+        "evals_per_epoch": 2,
+        "target_density": 0.4,
+        "inference_batch_size": 512,
+        "inference_length": 128,
+        "inference_dtype": "bfloat16",
+        "inference_device": "cuda",
+        "method_args": {
+            "full": "--learning-rate 5e-5",
+            "lora": "--learning-rate 5e-4",
+            "apt": "--learning-rate 1e-3",
+        },
+    },
+}
+
+INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_flags(value: Any, what: str) -> tuple[str, ...]:
+    """``aptune train`` flags from a shell-quoted string or a list of strings."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        try:
+            return tuple(shlex.split(value))
+        except ValueError as e:
+            raise ConfigError(f"cannot parse {what} {value!r}: {e}") from None
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+        return tuple(str(v) for v in value)
+    raise ConfigError(f"{what} must be a string of flags or a list of strings, got {value!r}")
+
+
+def parse_method_args(items: Any, what: str = "method_args") -> dict[str, tuple[str, ...]]:
+    """Per-method flags from a mapping {name: flags} or from ``NAME=FLAGS`` strings (the CLI form)."""
+    if items is None:
+        return {}
+    if isinstance(items, Mapping):
+        pairs = list(items.items())
+    elif isinstance(items, (list, tuple)):
+        pairs = []
+        for item in items:
+            name, sep, flags = str(item).partition("=")
+            if not sep or not name.strip():
+                raise ConfigError(
+                    f'{what} must look like NAME=FLAGS (e.g. full="--learning-rate 5e-5"), got {item!r}'
+                )
+            pairs.append((name.strip(), flags))
+    else:
+        raise ConfigError(f"{what} must map method names to flags, got {items!r}")
+    out: dict[str, tuple[str, ...]] = {}
+    for name, flags in pairs:
+        out[str(name)] = out.get(str(name), ()) + parse_flags(flags, f"{what} for {name}")
+    return out
+
+
+def merge_method_args(*sources: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Concatenate per-method flags, earlier sources first (so later single flags win in argparse)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for source in sources:
+        for name, flags in source.items():
+            out[name] = out.get(name, ()) + tuple(flags)
+    return out
+
+
+def _parse_methods(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"methods must be a list of names, got {value!r}")
+    return tuple(name.strip() for item in value for name in str(item).split(",") if name.strip())
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark: methods to compare and everything they share. Field names are the config-file keys."""
+
+    methods: tuple[str, ...] = field(default_factory=default_methods)
+    model: str = ""  # a model folder or hub name; "" is the packaged all-MiniLM-L6-v2
+    data: str | None = None  # a task name ("rt-polarity"), a folder of split files, or a hub name
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    output_dir: str = "runs/bench"
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    max_length: int = 64
+    evals_per_epoch: int = 2
+    seed: int = 0
+    target_density: float = 0.4
+    mixed_precision: str = "no"
+    cpu: bool = False
+    train_args: tuple[str, ...] = ()  # extra `aptune train` flags for every method
+    method_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # name -> extra flags
+    inference_batch_size: int = 128
+    inference_length: int = 128
+    inference_dtype: str = "float32"
+    inference_device: str = "auto"  # auto: CUDA when present and `cpu` is off, else CPU
+    inference_warmup: int = 3
+    inference_runs: int = 10
+    tta_fraction: float = 0.97  # TTA threshold: this fraction of full fine-tuning's best validation
+    resume: bool = False  # skip methods whose report.json already exists in the output folder
+    progress: bool = True
+    preset: str | None = None  # recorded in results; its values are applied by build_config
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        set_ = object.__setattr__
+        set_(self, "methods", _parse_methods(self.methods))
+        set_(self, "train_args", parse_flags(self.train_args, "train_args"))
+        margs = self.method_args
+        if not (isinstance(margs, Mapping) and all(isinstance(v, tuple) for v in margs.values())):
+            margs = parse_method_args(margs)
+        set_(self, "method_args", dict(margs))
+        self._check_types()
+        self._check_methods()
+        self._check_numbers()
+        self._check_inputs()
+
+    def _check_types(self) -> None:
+        """Config files can hold anything: wrong types get a clear message rather than a TypeError later."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok:
+                    object.__setattr__(self, f.name, float(value))
+            elif kind.startswith("bool"):
+                ok = isinstance(value, bool)
+            elif kind.startswith("str"):
+                ok = isinstance(value, str)
+            else:
+                continue
+            if not ok:
+                raise ConfigError(f"{f.name} must be {kind.split(' ')[0]}, got {value!r}")
+
+    def _check_methods(self) -> None:
+        known = variants()
+        if not self.methods:
+            raise ConfigError("no methods to run")
+        for name in self.methods:
+            if name not in known:
+                raise ConfigError(f"unknown method {name!r}; choose from {', '.join(known)}")
+        dup = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if dup:
+            raise ConfigError(f"methods listed twice: {', '.join(dup)}")
+        for name in self.method_args:
+            if name not in known:
+                raise ConfigError(f"method_args for unknown method {name!r}; choose from {', '.join(known)}")
+
+    def _check_numbers(self) -> None:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        for name in (
+            "batch_size",
+            "max_length",
+            "evals_per_epoch",
+            "inference_batch_size",
+            "inference_length",
+            "inference_runs",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.inference_warmup < 0:
+            raise ConfigError(f"inference_warmup must be >= 0, got {self.inference_warmup}")
+        if not 0 < self.target_density <= 1:
+            raise ConfigError(f"target_density must be in (0, 1], got {self.target_density}")
+        if not 0 < self.tta_fraction <= 1:
+            raise ConfigError(f"tta_fraction must be in (0, 1], got {self.tta_fraction}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.inference_dtype not in INFERENCE_DTYPES:
+            raise ConfigError(
+                f"inference_dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {self.inference_dtype!r}"
+            )
+        device = self.inference_device
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ConfigError(f"inference_device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+    def _check_inputs(self) -> None:
+        if self.model:
+            path = Path(self.model).expanduser()
+            if path.exists():
+                if not (path / "config.json").is_file():
+                    raise ConfigError(f"{self.model} holds no model (no config.json)")
+            elif _looks_like_path(self.model):
+                raise ConfigError(f"model folder does not exist: {self.model}")
+        if self.data is None and self.train is None:
+            raise ConfigError(
+                "pass --data NAME_OR_FOLDER, or --train FILE with --validation FILE (or a --preset)"
+            )
+        if (
+            self.data is not None
+            and _looks_like_path(self.data)
+            and not Path(self.data).expanduser().exists()
+        ):
+            raise ConfigError(f"data folder does not exist: {self.data}")
+        for name in ("train", "validation", "test"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).expanduser().is_file():
+                raise ConfigError(f"{name} file not found: {value}")
+
+    def flags_for(self, name: str) -> tuple[str, ...]:
+        """Extra ``aptune train`` flags of one variant: those of its base method, then its own."""
+        base = base_method(name, variants()[name])
+        own = self.method_args.get(name, ()) if name != base else ()
+        return (*self.train_args, *self.method_args.get(base, ()), *own)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        d["train_args"] = list(self.train_args)
+        d["method_args"] = {k: list(v) for k, v in self.method_args.items()}
+        return d
+
+
+FIELDS = tuple(f.name for f in fields(BenchConfig))
+
+
+def build_config(
+    preset: str | None = None,
+    file_values: Mapping[str, Any] | None = None,
+    flag_values: Mapping[str, Any] | None = None,
+) -> BenchConfig:
+    """A BenchConfig from a preset, then config-file values, then flags (each overriding the one before)."""
+    file_values = dict(file_values or {})
+    flag_values = dict(flag_values or {})
+    preset = preset if preset is not None else file_values.pop("preset", None)
+    file_values.pop("preset", None)
+    flag_values.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    for where, values in (("config file", file_values), ("flags", flag_values)):
+        unknown = sorted(set(values) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown {where} keys: {', '.join(unknown)}")
+    layers = [dict(PRESETS[preset]) if preset else {}, file_values, flag_values]
+    method_args = merge_method_args(
+        *(parse_method_args(layer.pop("method_args", None), "method_args") for layer in layers)
+    )
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values.update(layer)
+    return BenchConfig(**values, method_args=method_args, preset=preset)

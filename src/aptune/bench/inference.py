@@ -1,0 +1,131 @@
+"""The inference child: load a saved model, time it at a fixed batch and length, write one JSON file.
+
+    python -m aptune.bench.inference RUN/model --batch-size 128 --length 128 --dtype float32 --out inf.json
+
+It runs in its own process so its memory figures see only this model. Throughput is the median of timed
+forward passes after warm-up (:func:`aptune.evaluate.measure_throughput`), on random token ids with every
+token attended to. Peak memory:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` during the timed runs (weights, activations, workspace).
+* CPU: the process's peak resident memory during warm-up and timed runs minus its resident memory right
+  after loading (the extra memory inference needs; the weights are reported apart as ``weights_mb``). The
+  high-water mark is reset after loading through ``/proc/self/clear_refs``; where that is not possible the
+  peak also covers loading, and ``peak_memory_kind`` says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+_KIB = 1024
+
+
+def _status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MiB, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / _KIB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the resident-memory high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_mb() -> float:
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _KIB
+
+
+def measure_saved_model(
+    path: str | Path,
+    batch_size: int,
+    length: int,
+    dtype: str = "float32",
+    device: str = "cpu",
+    warmup: int = 3,
+    runs: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Throughput and peak memory of the model saved at ``path`` (see the module docstring)."""
+    import torch
+
+    from ..compact import load_pruned
+    from ..evaluate import measure_throughput
+
+    torch_dtype = getattr(torch, dtype)
+    rss_before = _status_mb("VmRSS")
+    model = load_pruned(path).to(dtype=torch_dtype, device=device).eval()
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and length > max_positions:
+        raise ValueError(f"inference length {length} exceeds the model's {max_positions} positions")
+    weights_mb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+    rss_after = _status_mb("VmRSS")
+    reset = _reset_peak_rss()
+    speed = measure_throughput(
+        model, batch_size=batch_size, length=length, warmup=warmup, runs=runs, device=device, seed=seed
+    )
+    result: dict[str, Any] = {
+        **speed.to_dict(),
+        "warmup": warmup,
+        "runs": runs,
+        "weights_mb": weights_mb,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if speed.peak_memory_mb is not None:
+        result["peak_memory_kind"] = "cuda_max_allocated"
+    else:
+        peak = _peak_rss_mb()
+        result.update(
+            rss_before_load_mb=rss_before,
+            rss_after_load_mb=rss_after,
+            peak_rss_mb=peak,
+            peak_memory_mb=peak - rss_after if rss_after is not None else peak,
+            peak_memory_kind=(
+                "rss_peak_minus_after_load"
+                if reset and rss_after is not None
+                else "process_peak_rss_including_loading"
+            ),
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aptune.bench.inference", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("model", help="a folder saved by aptune train (OUTPUT/model)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args = parser.parse_args(argv)
+    result = measure_saved_model(
+        args.model, args.batch_size, args.length, args.dtype, args.device, args.warmup, args.runs, args.seed
+    )
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(
+        f"throughput {result['throughput']:.1f}/s, peak memory {result['peak_memory_mb']:.1f} MiB", flush=True
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Child processes: one ``aptune train`` per method and one inference measurement per trained model.
+
+Each runs as ``sys.executable -m ...`` so memory figures of one method never include another's. stdout is
+read line by line (for the live progress line) and kept in ``NAME.stdout.log``; stderr goes to
+``NAME.stderr.log``, whose last lines become the error message when the child fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import site
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import BenchConfig
+from .variants import variants
+
+EVAL_LINE = re.compile(r"step (\d+): validation ([-+0-9.eE]+), density ([-+0-9.eE]+)")
+ERROR_LINES = 12
+
+
+@dataclass
+class ChildResult:
+    command: list[str]
+    returncode: int
+    wall_time_s: float
+    stdout_log: str
+    stderr_log: str
+    error: str | None  # the last lines of stderr when the child failed
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def parse_eval_line(line: str) -> tuple[int, float, float] | None:
+    """(step, validation, density) from a ``step N: validation X, density Y`` line of ``aptune train``."""
+    m = EVAL_LINE.search(line)
+    return (int(m.group(1)), float(m.group(2)), float(m.group(3))) if m else None
+
+
+def train_command(config: BenchConfig, name: str, output_dir: Path, model_path: str) -> list[str]:
+    """The ``aptune train`` command of one variant; its extra flags come last so they win."""
+    cmd = [sys.executable, "-m", "aptune.cli", "train", *variants()[name], "--output-dir", str(output_dir)]
+    if model_path:
+        cmd += ["--model", model_path]
+    for key in ("data", "train", "validation", "test"):
+        value = getattr(config, key)
+        if value is not None:
+            cmd += [f"--{key}", str(value)]
+    cmd += ["--epochs", repr(float(config.epochs))]
+    if config.max_steps is not None:
+        cmd += ["--max-steps", str(config.max_steps)]
+    cmd += ["--batch-size", str(config.batch_size), "--max-length", str(config.max_length)]
+    cmd += ["--evals-per-epoch", str(config.evals_per_epoch), "--seed", str(config.seed)]
+    cmd += ["--target-density", repr(float(config.target_density))]
+    cmd += ["--mixed-precision", config.mixed_precision]
+    if config.cpu:
+        cmd.append("--cpu")
+    cmd += ["--no-measure-speed", "--no-progress"]
+    return cmd + list(config.flags_for(name))
+
+
+def inference_command(config: BenchConfig, model_dir: Path, out_file: Path, device: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "aptune.bench.inference",
+        str(model_dir),
+        *("--batch-size", str(config.inference_batch_size), "--length", str(config.inference_length)),
+        *("--dtype", config.inference_dtype, "--device", device),
+        *("--warmup", str(config.inference_warmup), "--runs", str(config.inference_runs)),
+        *("--seed", str(config.seed), "--out", str(out_file)),
+    ]
+
+
+def child_env() -> dict[str, str]:
+    """The parent's environment, unbuffered, and able to import this very aptune (e.g. from a checkout)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    import aptune
+
+    root = str(Path(aptune.__file__).resolve().parent.parent)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    installed = {str(Path(p).resolve()) for p in site.getsitepackages() if p}
+    if root not in paths and root not in installed:
+        env["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    return env
+
+
+def run_child(
+    command: list[str], log_dir: Path, name: str, on_line: Callable[[str], None] | None = None
+) -> ChildResult:
+    """Run ``command``, feeding each stdout line to ``on_line``; logs go to ``log_dir/NAME.std*.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_log, err_log = log_dir / f"{name}.stdout.log", log_dir / f"{name}.stderr.log"
+    started = time.perf_counter()
+    with open(out_log, "w") as out, open(err_log, "w") as err:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, env=child_env()
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+            returncode = proc.wait()
+        except BaseException:  # Ctrl-C or an error in on_line: do not leave the child running
+            proc.kill()
+            proc.wait()
+            raise
+    wall = time.perf_counter() - started
+    error = None if returncode == 0 else (tail(err_log) or f"exited with status {returncode}")
+    return ChildResult(command, returncode, wall, str(out_log), str(err_log), error)
+
+
+def tail(path: Path, lines: int = ERROR_LINES) -> str:
+    """The last non-empty lines of a text file (progress-bar carriage returns collapsed)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    kept = [line.rsplit("\r", 1)[-1].rstrip() for line in text.splitlines()]
+    return "\n".join([line for line in kept if line.strip()][-lines:])

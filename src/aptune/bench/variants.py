@@ -1,0 +1,53 @@
+"""The registry of benchmark variants: a name -> the ``aptune train`` flags that select it.
+
+Every method that ``aptune train --method`` accepts (:data:`aptune.train.METHODS`) is a variant of the same
+name, so a method registered there is runnable here without a change. Extra variants (the same method with
+other settings) are listed in :data:`EXTRA_VARIANTS`.
+"""
+
+from __future__ import annotations
+
+# Variants beyond one-per-method: name -> the flags of `aptune train` that make it.
+EXTRA_VARIANTS: dict[str, tuple[str, ...]] = {
+    "apt-nodistill": ("--method", "apt", "--no-distill"),
+}
+
+# The side-by-side comparison run when no --methods are given (those not registered yet are left out).
+DEFAULT_METHODS: tuple[str, ...] = (
+    "full",
+    "lora",
+    "lora-prune",
+    "loraprune",
+    "llm-pruner",
+    "apt",
+    "apt-nodistill",
+)
+
+REFERENCE = "full"  # time to accuracy and speed-ups are relative to this variant
+
+
+def variants() -> dict[str, tuple[str, ...]]:
+    """All runnable variants: one per registered training method, then the extra ones."""
+    from ..train import METHODS
+
+    registry = {name: ("--method", name) for name in METHODS}
+    for name, flags in EXTRA_VARIANTS.items():
+        if base_method(name, flags) in METHODS:
+            registry.setdefault(name, flags)
+    return registry
+
+
+def base_method(name: str, flags: tuple[str, ...] | None = None) -> str:
+    """The ``--method`` a variant trains with (``apt`` for ``apt-nodistill``)."""
+    if flags is None:
+        flags = EXTRA_VARIANTS.get(name, ("--method", name))
+    for i, flag in enumerate(flags[:-1]):
+        if flag == "--method":
+            return flags[i + 1]
+    return name
+
+
+def default_methods() -> tuple[str, ...]:
+    """:data:`DEFAULT_METHODS` restricted to the variants registered in this version."""
+    known = variants()
+    return tuple(name for name in DEFAULT_METHODS if name in known)

@@ -1,0 +1,119 @@
+"""Structured groups and the shared pruning step of the baselines.
+
+A *group* is every parameter that disappears with one block: for a head, its rows of q, k and v (weights and
+biases) and its columns of o; for an FFN neuron, its row of up (and gate) and its column of down. Criteria
+that score single weights (Taylor, LoRA-guided) are summed over groups with :func:`group_scores`; the
+selection and the physical removal are the same for every method (:func:`prune_to_budget`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..arch import describe
+from ..budget import StructureShape, count_prunable
+from ..compact import compact
+from ..masks import StructuralMasks
+from ..selection import Selection, select_blocks
+
+# linear -> (per-weight scores shaped like its weight, per-bias scores or None), or None if it adds nothing
+ElementScores = Callable[[nn.Module], tuple[Tensor, Tensor | None] | None]
+
+
+def _rows(scores: tuple[Tensor, Tensor | None] | None, groups: int) -> Tensor | None:
+    """Sum of each output row's scores (weight row plus bias entry), folded into ``groups`` equal groups."""
+    if scores is None:
+        return None
+    w, b = scores
+    per_row = w.float().sum(dim=1)
+    if b is not None:
+        per_row = per_row + b.float()
+    return per_row.view(groups, -1).sum(dim=1)
+
+
+def _cols(scores: tuple[Tensor, Tensor | None] | None, groups: int) -> Tensor | None:
+    """Sum of each input column's weight scores, folded into ``groups`` equal groups (biases stay)."""
+    if scores is None:
+        return None
+    return scores[0].float().sum(dim=0).view(groups, -1).sum(dim=1)
+
+
+def group_scores(model: nn.Module, element_scores: ElementScores) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-head and per-neuron sums of ``element_scores`` over each block's parameter group."""
+    structure = describe(model)
+    heads, neurons = [], []
+    for site in structure.attention:
+        n = site.num_heads
+        if site.num_kv_heads != n:
+            raise NotImplementedError("group scores under grouped-query attention arrive with the LLaMA spec")
+        total = torch.zeros(n, dtype=torch.float64)
+        if n:
+            parts = [_rows(element_scores(p), n) for p in (site.q, site.k, site.v)]
+            parts.append(_cols(element_scores(site.o), n))
+            for part in parts:
+                if part is not None:
+                    total += part.detach().to("cpu", torch.float64)
+        heads.append(total)
+    for site in structure.ffn:
+        n = site.num_neurons
+        total = torch.zeros(n, dtype=torch.float64)
+        if n:
+            parts = [_rows(element_scores(p), n) for p in site.inputs]
+            parts.append(_cols(element_scores(site.down), n))
+            for part in parts:
+                if part is not None:
+                    total += part.detach().to("cpu", torch.float64)
+        neurons.append(total)
+    return heads, neurons
+
+
+def base_params(model: nn.Module) -> int:
+    """The counted parameters of the model's original (unpruned) structure."""
+    shape = StructureShape.of(describe(model))
+    return count_prunable(getattr(model, "_aptune_base_shape", shape))
+
+
+def select_under_budget(
+    model: nn.Module,
+    head_scores: list[Tensor],
+    neuron_scores: list[Tensor],
+    density: float,
+    ffn_multiple: int,
+) -> Selection:
+    """Heads and neurons to keep so that the counted parameters are at most ``density`` of the original."""
+    structure = describe(model)
+    shape = StructureShape.of(structure)
+    target = int(density * base_params(model))
+    return select_blocks(
+        shape,
+        [s.clamp(min=0) for s in head_scores],
+        [s.clamp(min=0) for s in neuron_scores],
+        torch.ones(shape.hidden),
+        target_params=max(1, target),
+        ffn_multiple=ffn_multiple,
+        prune_hidden=False,
+    )
+
+
+def selection_masks(selection: Selection) -> StructuralMasks:
+    return StructuralMasks(
+        heads=[k.float() for k in selection.heads],
+        neurons=[k.float() for k in selection.neurons],
+        hidden=selection.hidden.float(),
+    )
+
+
+def prune_to_budget(
+    model: nn.Module,
+    head_scores: list[Tensor],
+    neuron_scores: list[Tensor],
+    density: float,
+    ffn_multiple: int,
+) -> Selection:
+    """Select under the budget and remove the other heads and neurons physically (in place)."""
+    selection = select_under_budget(model, head_scores, neuron_scores, density, ffn_multiple)
+    compact(model, selection_masks(selection))
+    return selection
