@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -235,13 +236,25 @@ BASE_ARGS = [
 ]
 
 
-def run_method(folder, method, *extra):
+def run_method(folder, method, *extra, monkeypatch=None):
+    """Run ``aptune train``; with ``monkeypatch``, also return the final in-memory model it saved."""
     data = write_task(folder, n_train=96, n_eval=32)
     out = folder / method
+    saved = []
+    if monkeypatch is not None:
+        train_module = importlib.import_module("aptune.train")  # (aptune.train is also the function)
+        real = train_module.save_pruned
+
+        def capture(model, path, tokenizer=None):
+            saved.append(copy.deepcopy(model))
+            return real(model, path, tokenizer=tokenizer)
+
+        monkeypatch.setattr(train_module, "save_pruned", capture)
     argv = ["train", "--method", method, "--model", str(folder / "model"), "--train", str(data["train"])]
     argv += ["--validation", str(data["validation"]), "--test", str(data["test"]), "--output", str(out)]
     assert main(argv + BASE_ARGS + list(extra)) == 0
-    return json.loads((out / "report.json").read_text()), out, data
+    report = json.loads((out / "report.json").read_text())
+    return (report, out, data, saved[0]) if monkeypatch is not None else (report, out, data)
 
 
 @pytest.mark.parametrize(
@@ -253,8 +266,10 @@ def run_method(folder, method, *extra):
         ("llm-pruner", ["--epochs", "1", "--prune-warmup", "0", "--calibration-batches", "2"]),
     ],
 )
-def test_baseline_meets_the_budget_and_its_saved_model_reloads(tiny_folder, method, extra):  # noqa: F811
-    report, out, data = run_method(tiny_folder, method, "--density", "0.5", *extra)
+def test_baseline_meets_the_budget_and_its_saved_model_reloads(tiny_folder, method, extra, monkeypatch):  # noqa: F811
+    report, out, data, final = run_method(
+        tiny_folder, method, "--density", "0.5", *extra, monkeypatch=monkeypatch
+    )
     before, after = report["params_before"], report["params_after"]
     target = int(0.5 * before["prunable"])
     assert after["prunable"] <= target
@@ -269,8 +284,11 @@ def test_baseline_meets_the_budget_and_its_saved_model_reloads(tiny_folder, meth
     assert report["method"] == method and report["method_config"]["target_density"] == 0.5
     assert report["metrics"]["best_step"] >= report["final_structure_step"]
     assert not any("lora" in n for n, _ in model.named_parameters())
+    batch = tiny_batch(seed=5, batch=4, vocab=20)
+    with torch.no_grad():  # the reloaded model computes what the trained one computed
+        torch.testing.assert_close(model(**batch).logits, final.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
 
-    # the reloaded model gives the reported test accuracy
+    # and gives the reported test accuracy
     from transformers import BertTokenizerFast
 
     tokenizer = BertTokenizerFast.from_pretrained(out / "model")
@@ -307,20 +325,17 @@ def test_lora_prune_time_includes_the_lora_phase_and_rescaling_helps(tiny_folder
     assert first_pruned["train_time_s"] > report["history"][0]["train_time_s"]  # the clock kept running
 
 
+def loraprune_argv(folder, *flags):
+    """``aptune train --method loraprune`` on a small task in ``folder``, writing to ``folder/x``."""
+    data = write_task(folder, n_train=16, n_eval=8)
+    argv = ["train", "--method", "loraprune", "--model", str(folder / "model"), "--train", str(data["train"])]
+    return [*argv, "--validation", str(data["validation"]), "--output", str(folder / "x"), *flags]
+
+
 def test_a_method_that_does_not_support_the_family_fails_before_training(tiny_folder, capsys, monkeypatch):  # noqa: F811
     info = REGISTRY["loraprune"]
     monkeypatch.setitem(REGISTRY, "loraprune", MethodInfo(**{**info.__dict__, "families": ("llama",)}))
-    data = write_task(tiny_folder, n_train=16, n_eval=8)
-    argv = [
-        "train",
-        "--method",
-        "loraprune",
-        "--model",
-        str(tiny_folder / "model"),
-        "--train",
-        str(data["train"]),
-    ]
-    argv += ["--validation", str(data["validation"]), "--output", str(tiny_folder / "x")]
+    argv = loraprune_argv(tiny_folder)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "does not support 'bert' models" in err and "llama" in err
@@ -336,3 +351,27 @@ def test_unknown_method_and_registration(capsys):
         assert TrainConfig(method="my-full").lr == 1e-4
     finally:
         del REGISTRY["my-full"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--iterative-steps", "0"], "iterative_steps must be >= 1"),
+        (["--prune-warmup", "1.5"], "prune_warmup must be in [0, 1)"),
+        (["--iterative-start", "0.5", "--iterative-end", "0.2"], "iterative_start < iterative_end"),
+        (["--calibration-batches", "0"], "calibration_batches must be >= 1"),
+        (["--lora-targets", "qq"], "unknown LoRA targets"),
+    ],
+)
+def test_bad_baseline_settings_are_one_line_errors(tiny_folder, capsys, flags, message):  # noqa: F811
+    argv = loraprune_argv(tiny_folder, *flags)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_loraprune_window_too_short_for_its_steps_is_refused(tiny_folder, capsys):  # noqa: F811
+    argv = loraprune_argv(tiny_folder, "--max-steps", "8")
+    assert main(argv + ["--no-progress"]) == 2
+    assert "shorter than its 10 pruning steps" in capsys.readouterr().err
+    assert not (tiny_folder / "x" / "report.json").exists()
