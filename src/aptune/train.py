@@ -1,11 +1,14 @@
-"""The training entry point: fine-tune (and, with APT, prune) a classifier, evaluate, keep the best, export.
+"""The training entry point: fine-tune (and, with a pruning method, prune) a classifier, evaluate, keep the
+best, export.
 
     report = aptune.train(TrainConfig(model="path/or/name", data="rt-polarity", output_dir="runs/x"), APTConfig())
 
-The loop is plain PyTorch on Accelerate's device and mixed-precision handling. It only calls the controller
-(for APT) and owns the learning-rate schedule, so rebuilding the optimizer after a structural change never
-resets the schedule. At the end the best validation checkpoint is restored, adapters are merged, the model is
-compacted and saved to ``OUTPUT/model`` (readable by :func:`aptune.load_pruned`), and ``OUTPUT/report.json``
+The loop is plain PyTorch on Accelerate's device and mixed-precision handling. It only calls the method
+object (:mod:`aptune.methods`: APT, full fine-tuning, LoRA or a pruning baseline) and owns the learning-rate
+schedule, so rebuilding the optimizer after a structural change never resets it (a method may ask for a fresh
+schedule at a phase boundary, e.g. retraining after pruning). At the end the best validation checkpoint taken
+once the structure is final is restored, the method merges its adapters and removes pruned blocks, and the
+model is saved to ``OUTPUT/model`` (readable by :func:`aptune.load_pruned`), and ``OUTPUT/report.json``
 records metrics, density, parameters, time, memory and the settings.
 """
 

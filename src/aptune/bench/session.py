@@ -214,8 +214,8 @@ def run_bench(config: BenchConfig, command: str | None = None) -> dict[str, Any]
 
     ``command`` is the command line recorded in the results (default: this process's ``sys.argv``).
     """
+    device = resolve_device(config)  # checked first: resolving the default model may install it
     model_path = resolve_model(config.model)
-    device = resolve_device(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
