@@ -18,12 +18,17 @@ from there on).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
 
+from ..adapter import add_adapters, merge_adapters
+from ..arch import describe
 from ..budget import param_report
+from ..config import APTConfig, ConfigError
+from .config import BaselineConfig
 
 # A function returning a fresh iterable of training batches (on the training device) for calibration.
 Calibration = Callable[[], Iterable[dict[str, Tensor]]]
@@ -101,22 +106,46 @@ class AdapterMethod(Method):
             p.requires_grad_(False)
         self.rank, self.roles = rank, tuple(roles)
         self.add_lora()
-        from ..arch import describe
-
         for module in describe(model).head_modules.values():
             for p in module.parameters():
                 p.requires_grad_(True)
 
     def add_lora(self) -> None:
-        from ..adapter import add_adapters
-
         if not add_adapters(self.model, self.roles, rank=self.rank):
-            from ..config import ConfigError
-
             raise ConfigError(f"no projections with roles {list(self.roles)} in this model")
 
     def finish(self) -> nn.Module:
-        from ..adapter import merge_adapters
-
         merge_adapters(self.model)
         return self.model
+
+
+class PruningBaseline(AdapterMethod):
+    """An adapter method that prunes to APT's target (``apt.target_density``, ``apt.ffn_multiple``) with the
+    knobs of ``baseline``; the calibration batches are for the methods that score blocks on a sample."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        rank: int,
+        roles: tuple[str, ...],
+        apt: APTConfig,
+        baseline: BaselineConfig,
+        calibration: Calibration | None = None,
+    ):
+        super().__init__(model, total_steps, rank, roles)
+        self.apt, self.baseline, self.calibration = apt, baseline, calibration
+
+    def calibration_sample(self) -> list[dict[str, Tensor]]:
+        """``baseline.calibration_batches`` fresh training batches on the device."""
+        if self.calibration is None:
+            raise ValueError(f"{self.name} needs calibration batches")
+        return list(itertools.islice(self.calibration(), self.baseline.calibration_batches))
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "target_density": self.apt.target_density,
+            "ffn_multiple": self.apt.ffn_multiple,
+            "lora_targets": list(self.roles),
+            **self.baseline.to_dict(),
+        }

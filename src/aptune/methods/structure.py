@@ -44,29 +44,21 @@ def _cols(scores: tuple[Tensor, Tensor | None] | None, groups: int) -> Tensor | 
 def group_scores(model: nn.Module, element_scores: ElementScores) -> tuple[list[Tensor], list[Tensor]]:
     """Per-head and per-neuron sums of ``element_scores`` over each block's parameter group."""
     structure = describe(model)
-    heads, neurons = [], []
-    for site in structure.attention:
-        n = site.num_heads
-        if site.num_kv_heads != n:
-            raise NotImplementedError("group scores under grouped-query attention arrive with the LLaMA spec")
-        total = torch.zeros(n, dtype=torch.float64)
+
+    def total(n: int, row_owners: list[nn.Module], col_owner: nn.Module) -> Tensor:
+        out = torch.zeros(n, dtype=torch.float64)
         if n:
-            parts = [_rows(element_scores(p), n) for p in (site.q, site.k, site.v)]
-            parts.append(_cols(element_scores(site.o), n))
+            parts = [_rows(element_scores(p), n) for p in row_owners]
+            parts.append(_cols(element_scores(col_owner), n))
             for part in parts:
                 if part is not None:
-                    total += part.detach().to("cpu", torch.float64)
-        heads.append(total)
-    for site in structure.ffn:
-        n = site.num_neurons
-        total = torch.zeros(n, dtype=torch.float64)
-        if n:
-            parts = [_rows(element_scores(p), n) for p in site.inputs]
-            parts.append(_cols(element_scores(site.down), n))
-            for part in parts:
-                if part is not None:
-                    total += part.detach().to("cpu", torch.float64)
-        neurons.append(total)
+                    out += part.detach().to("cpu", torch.float64)
+        return out
+
+    if any(site.num_kv_heads != site.num_heads for site in structure.attention):
+        raise NotImplementedError("group scores under grouped-query attention arrive with the LLaMA spec")
+    heads = [total(s.num_heads, [s.q, s.k, s.v], s.o) for s in structure.attention]
+    neurons = [total(s.num_neurons, s.inputs, s.down) for s in structure.ffn]
     return heads, neurons
 
 

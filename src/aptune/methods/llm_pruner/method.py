@@ -9,18 +9,16 @@ the remaining steps recover with LoRA under a fresh learning-rate schedule.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from ...config import APTConfig
-from ..base import AdapterMethod, Calibration
+from ..base import Calibration, PruningBaseline
 from ..config import BaselineConfig
 from ..structure import prune_to_budget
 from .importance import taylor_scores
 
 
-class LLMPruner(AdapterMethod):
+class LLMPruner(PruningBaseline):
     name = "llm-pruner"
 
     def __init__(
@@ -33,8 +31,7 @@ class LLMPruner(AdapterMethod):
         baseline: BaselineConfig,
         calibration: Calibration,
     ):
-        super().__init__(model, total_steps, rank, roles)
-        self.apt, self.baseline, self.calibration = apt, baseline, calibration
+        super().__init__(model, total_steps, rank, roles, apt, baseline, calibration)
         self.prune_step = int(baseline.prune_warmup * total_steps)
         self.final_structure_step = self.prune_step
         self.lr_restarts = (self.prune_step,) if self.prune_step > 0 else ()
@@ -42,10 +39,7 @@ class LLMPruner(AdapterMethod):
             self._prune()
 
     def _prune(self) -> None:
-        import itertools
-
-        batches = itertools.islice(self.calibration(), self.baseline.calibration_batches)
-        heads, neurons = taylor_scores(self.model, batches)
+        heads, neurons = taylor_scores(self.model, self.calibration_sample())
         selection = prune_to_budget(
             self.model, heads, neurons, self.apt.target_density, self.apt.ffn_multiple
         )
@@ -57,10 +51,3 @@ class LLMPruner(AdapterMethod):
             self._prune()
             return True
         return False
-
-    def config_dict(self) -> dict[str, Any]:
-        return {
-            "target_density": self.apt.target_density,
-            "ffn_multiple": self.apt.ffn_multiple,
-            **self.baseline.to_dict(),
-        }

@@ -9,13 +9,11 @@ moving averages of the kept blocks carry on. After the window the pruned model k
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from ...config import APTConfig, ConfigError
 from ...salience import ema
-from ..base import AdapterMethod
+from ..base import PruningBaseline
 from ..config import BaselineConfig
 from ..structure import prune_to_budget
 from .importance import lora_guided_scores
@@ -26,7 +24,7 @@ def cubic_density(k: int, steps: int, target: float) -> float:
     return target + (1.0 - target) * (1.0 - k / steps) ** 3
 
 
-class LoRAPrune(AdapterMethod):
+class LoRAPrune(PruningBaseline):
     name = "loraprune"
 
     def __init__(
@@ -38,8 +36,7 @@ class LoRAPrune(AdapterMethod):
         apt: APTConfig,
         baseline: BaselineConfig,
     ):
-        super().__init__(model, total_steps, rank, roles)
-        self.apt, self.baseline = apt, baseline
+        super().__init__(model, total_steps, rank, roles, apt, baseline)
         start = int(baseline.iterative_start * total_steps)
         end = int(baseline.iterative_end * total_steps)
         k = baseline.iterative_steps
@@ -76,11 +73,3 @@ class LoRAPrune(AdapterMethod):
         self.neurons = [s[keep.cpu()] for s, keep in zip(self.neurons, sel.neurons, strict=True)]
         self.history.append({"step": self.step, "density": self.density(), "target": density})
         return True
-
-    def config_dict(self) -> dict[str, Any]:
-        return {
-            "target_density": self.apt.target_density,
-            "ffn_multiple": self.apt.ffn_multiple,
-            "lora_targets": list(self.roles),
-            **self.baseline.to_dict(),
-        }

@@ -12,7 +12,6 @@ The clock runs through all three phases, so time-to-accuracy includes the LoRA t
 from __future__ import annotations
 
 import copy
-import itertools
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from ...adapter import merge_adapters
 from ...compact import compact
 from ...config import APTConfig
 from ...masks import StructuralMasks
-from ..base import AdapterMethod, Calibration
+from ..base import Calibration, PruningBaseline
 from ..config import BaselineConfig
 from ..structure import select_under_budget
 from .fisher import mask_fisher
@@ -30,7 +29,7 @@ from .rescale import rescale_outputs
 from .search import rearrange, removal_cost
 
 
-class MaskTuning(AdapterMethod):
+class MaskTuning(PruningBaseline):
     name = "lora-prune"
 
     def __init__(
@@ -49,8 +48,7 @@ class MaskTuning(AdapterMethod):
             if baseline.pretune_epochs is not None
             else retrain_steps
         )
-        super().__init__(model, pre + retrain_steps, rank, roles)
-        self.apt, self.baseline, self.calibration = apt, baseline, calibration
+        super().__init__(model, pre + retrain_steps, rank, roles, apt, baseline, calibration)
         self.prune_step = pre
         self.final_structure_step = pre
         self.lr_restarts = (pre,)
@@ -65,7 +63,7 @@ class MaskTuning(AdapterMethod):
     def prune(self) -> None:
         model, b = self.model, self.baseline
         merge_adapters(model)
-        batches = list(itertools.islice(self.calibration(), b.calibration_batches))
+        batches = self.calibration_sample()
         fisher = mask_fisher(model, batches)
         sel = select_under_budget(
             model,
@@ -77,17 +75,15 @@ class MaskTuning(AdapterMethod):
         heads, neurons = [k.cpu() for k in sel.heads], [k.cpu() for k in sel.neurons]
         record: dict[str, Any] = {"step": self.step, "fisher_examples": fisher.examples}
         if b.rearrange:
-            before = sum(
-                removal_cost(f, k)
-                for f, k in zip(fisher.heads + fisher.neurons, heads + neurons, strict=True)
-            )
+
+            def cost() -> float:
+                pairs = zip(fisher.heads + fisher.neurons, heads + neurons, strict=True)
+                return sum(removal_cost(f, k) for f, k in pairs)
+
+            before = cost()
             heads = [rearrange(k, f) for k, f in zip(heads, fisher.heads, strict=True)]
             neurons = [rearrange(k, f) for k, f in zip(neurons, fisher.neurons, strict=True)]
-            after = sum(
-                removal_cost(f, k)
-                for f, k in zip(fisher.heads + fisher.neurons, heads + neurons, strict=True)
-            )
-            record["fisher_cost"] = {"search": before, "rearranged": after}
+            record["fisher_cost"] = {"search": before, "rearranged": cost()}
         masks = StructuralMasks(
             heads=[k.float() for k in heads],
             neurons=[k.float() for k in neurons],
@@ -105,10 +101,3 @@ class MaskTuning(AdapterMethod):
         self.add_lora()  # a fresh LoRA retrains the pruned model
         record["density"] = self.density()
         self.history.append(record)
-
-    def config_dict(self) -> dict[str, Any]:
-        return {
-            "target_density": self.apt.target_density,
-            "ffn_multiple": self.apt.ffn_multiple,
-            **self.baseline.to_dict(),
-        }
