@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from transformers import BertConfig, RobertaConfig
+from transformers import BertConfig, LlamaConfig, MistralConfig, Qwen2Config, RobertaConfig
 
 TINY = dict(
     vocab_size=97,
@@ -21,9 +21,31 @@ TINY = dict(
 )
 
 
+# LLaMA-family decoders with grouped-query attention: 4 query heads in 2 groups of 2, head size 8
+TINY_DECODER = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=40,
+    max_position_embeddings=64,
+    initializer_range=0.3,
+    num_labels=3,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+DECODER_CONFIGS = {"Llama": LlamaConfig, "Qwen2": Qwen2Config, "Mistral": MistralConfig}
+
+
 def tiny_model(class_name: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny random model of a BERT-family class, in eval mode."""
+    """A tiny random model of a BERT- or LLaMA-family class, in eval mode."""
     torch.manual_seed(seed)
+    for prefix, decoder_config in DECODER_CONFIGS.items():
+        if class_name.startswith(prefix):
+            config = decoder_config(**{**TINY_DECODER, **overrides})
+            return getattr(transformers, class_name)(config).eval()
     config_cls = RobertaConfig if class_name.startswith("Roberta") else BertConfig
     extra = {"pad_token_id": 1} if class_name.startswith("Roberta") else {}
     if "QuestionAnswering" in class_name:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_train_cli import make_tiny_folder, write_task
 
-from aptune.bench import metrics
+from aptune.bench import metrics, runner
 from aptune.bench.cli import add_bench_arguments, add_bench_parser, config_from_args, main
 from aptune.bench.config import PRESETS, build_config
 from aptune.bench.report import APT_PLOT, VALIDATION_PLOT, markdown, table_rows
@@ -234,6 +234,7 @@ def no_children(monkeypatch):
         (["--method-args", "nope=--seed 1"], "method_args for unknown method 'nope'"),
         (["--method-args", "full"], "must look like NAME=FLAGS"),
         (["--inference-dtype", "int3"], "inference_dtype must be one of"),
+        (["--mmap-threshold", "-1"], "mmap_threshold must be between 0 and 33554432 bytes"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, no_children, extra, message):
@@ -286,6 +287,37 @@ def test_subcommand_handler_raises_config_error_for_the_main_cli(no_children):
     with contextlib.redirect_stdout(io.StringIO()) as listing:
         assert args.func(args) == 0
     assert all(name in listing.getvalue() for name in variants())
+
+
+def test_mmap_threshold_reaches_every_child_and_the_results(tmp_path, monkeypatch):
+    """``--mmap-threshold`` is set in the environment of the children (and only there) and recorded."""
+    seen = []
+
+    def record(command, log_dir, name, on_line=None, env=None):
+        seen.append((name, (env or {}).get("MALLOC_MMAP_THRESHOLD_")))
+        return runner.ChildResult(command, 1, 0.0, "", "", "stopped by the test")
+
+    monkeypatch.setattr("aptune.bench.session.run_child", record)
+    make_tiny_folder(tmp_path)
+    data = write_task(tmp_path, n_train=8, n_eval=4)
+    out = tmp_path / "bench"
+    argv = ["--model", str(tmp_path / "model"), "--train", str(data["train"])]
+    argv += ["--validation", str(data["validation"])]
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(
+            [*argv, "--output", str(out), "--methods", "full", "lora", "--mmap-threshold", "131072", "--cpu"]
+        )
+    assert seen == [("train", "131072"), ("train", "131072")]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["mmap_threshold"] == 131072
+    assert "MALLOC_MMAP_THRESHOLD_=131072" in (out / "results.md").read_text()
+    assert "MALLOC_MMAP_THRESHOLD_" not in child_env()  # unset unless asked for
+
+
+def test_a_child_process_sees_the_mmap_threshold(tmp_path):
+    command = [sys.executable, "-c", "import os; print(os.environ['MALLOC_MMAP_THRESHOLD_'])"]
+    child = runner.run_child(command, tmp_path, "probe", env=child_env(65536))
+    assert child.ok and (tmp_path / "probe.stdout.log").read_text().strip() == "65536"
 
 
 # -- end to end on a tiny model --------------------------------------------------------------------------

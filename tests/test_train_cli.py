@@ -37,17 +37,19 @@ def write_task(folder, n_train=192, n_eval=64, seed=0):
     return paths
 
 
-def make_tiny_folder(tmp_path):
-    """A tiny random BERT classifier with a word-level tokenizer, saved under ``tmp_path / "model"``."""
+def make_tiny_folder(tmp_path, class_name: str = "BertForSequenceClassification"):
+    """A tiny random classifier (BERT unless ``class_name`` says otherwise) with a word-level tokenizer,
+    saved under ``tmp_path / "model"``."""
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]))
     tokenizer = BertTokenizerFast(vocab=str(vocab))
     model = tiny_model(
-        "BertForSequenceClassification",
+        class_name,
         num_labels=2,
         vocab_size=len(tokenizer),
         intermediate_size=64,
         initializer_range=0.05,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")

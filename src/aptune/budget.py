@@ -25,6 +25,15 @@ class AttentionShape:
     o_bias: bool = True
     norm_params_per_channel: int = 2  # LayerNorm weight + bias; an RMSNorm has 1
 
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.heads // self.kv_heads if self.kv_heads else 1
+
+    def with_units(self, units: int) -> AttentionShape:
+        """This shape with ``units`` key/value heads, each keeping its group of query heads."""
+        return replace(self, heads=units * self.group_size, kv_heads=units)
+
 
 @dataclass(frozen=True)
 class FFNShape:
@@ -46,6 +55,11 @@ class StructureShape:
     @property
     def heads(self) -> tuple[int, ...]:
         return tuple(a.heads for a in self.attention)
+
+    @property
+    def units(self) -> tuple[int, ...]:
+        """Prunable head units per attention site (key/value heads; heads without grouped-query attention)."""
+        return tuple(a.kv_heads for a in self.attention)
 
     @property
     def neurons(self) -> tuple[int, ...]:
@@ -146,13 +160,12 @@ def count_prunable(shape: StructureShape) -> int:
 
 
 def head_cost(shape: StructureShape, site: int) -> int:
-    """Parameters freed by removing one head of attention site ``site`` (with its key/value head, for MHA)."""
+    """Parameters freed by removing one head unit of attention site ``site``: a key/value head and the query
+    heads of its group (one head with its key and value, without grouped-query attention)."""
     a = shape.attention[site]
     if a.heads == 0:
         return 0
-    if a.kv_heads != a.heads:
-        raise NotImplementedError("head costs under grouped-query attention arrive with the LLaMA spec")
-    fewer = replace(a, heads=a.heads - 1, kv_heads=a.kv_heads - 1)
+    fewer = a.with_units(a.kv_heads - 1)
     return attention_params(a, shape.hidden) - attention_params(fewer, shape.hidden)
 
 

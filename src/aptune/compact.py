@@ -70,7 +70,7 @@ def _slice_norm(norm: nn.Module, idx: Tensor) -> None:
         p = getattr(norm, name, None)
         if p is not None:
             setattr(norm, name, _new_param(p, p.index_select(0, idx.to(p.device))))
-    if isinstance(norm, nn.LayerNorm):
+    if isinstance(norm, (nn.LayerNorm, nn.RMSNorm)):
         norm.normalized_shape = (len(idx),)
 
 
@@ -78,9 +78,9 @@ def _kept(mask: Tensor) -> Tensor:
     return torch.nonzero(mask == 1).flatten()
 
 
-def _channels(heads: Tensor, head_dim: int) -> Tensor:
-    """Channel indices of the given heads in a projection of heads x head_dim channels."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+def _channels(units: Tensor, width: int) -> Tensor:
+    """Channel indices of the given units in a projection whose units are ``width`` consecutive channels."""
+    return (units[:, None] * width + torch.arange(width)).flatten()
 
 
 # -- compaction ----------------------------------------------------------------------------------------
@@ -113,18 +113,18 @@ def compact(model: nn.Module, masks: StructuralMasks | None = None) -> nn.Module
     for site, mask in zip(structure.attention, masks.heads, strict=True):
         if site.num_heads == 0 or bool((mask == 1).all()):
             continue
-        heads = _kept(mask)
-        if len(heads) == 0:
+        units = _kept(mask)  # key/value heads kept, each with its group of query heads
+        if len(units) == 0:
             spec.drop_attention(model, site)
             continue
-        if site.num_kv_heads != site.num_heads:
-            raise NotImplementedError("compaction of grouped-query attention arrives with the LLaMA spec")
-        ch = _channels(heads, site.head_dim)
-        for proj in (site.q, site.k, site.v):
-            slice_linear(proj, out_idx=ch)
-        slice_linear(site.o, in_idx=ch)
+        query = _channels(units, site.unit_width)
+        kv = _channels(units, site.head_dim)
+        slice_linear(site.q, out_idx=query)
+        slice_linear(site.k, out_idx=kv)
+        slice_linear(site.v, out_idx=kv)
+        slice_linear(site.o, in_idx=query)
         if site.on_resize is not None:
-            site.on_resize(site, len(heads), len(heads))
+            site.on_resize(site, len(units) * site.group_size, len(units))
 
     for site, mask in zip(structure.ffn, masks.neurons, strict=True):
         if site.num_neurons == 0 or bool((mask == 1).all()):
@@ -145,7 +145,12 @@ def compact(model: nn.Module, masks: StructuralMasks | None = None) -> nn.Module
         for norm in hidden.norms:
             _slice_norm(norm, idx)
         producers = {id(m) for m in hidden.producers}
+        tied = {id(reader): emb for reader, emb in hidden.tied}
         for lin in hidden.readers:
+            if id(lin) in tied:  # shares the embedding's (already sliced) weight: tie it again
+                lin.weight = tied[id(lin)].weight
+                lin.in_features = len(idx)
+                continue
             slice_linear(lin, in_idx=idx, out_idx=idx if id(lin) in producers else None)
         readers = {id(m) for m in hidden.readers}
         for lin in hidden.producers:
@@ -281,7 +286,7 @@ def masks_for_shape(model: nn.Module, shape: dict[str, Any]) -> StructuralMasks:
         return (torch.arange(total) < n).float()
 
     return StructuralMasks(
-        heads=[first(n, s.num_heads) for n, s in zip(target.heads, structure.attention, strict=True)],
+        heads=[first(n, s.num_units) for n, s in zip(target.units, structure.attention, strict=True)],
         neurons=[first(n, s.num_neurons) for n, s in zip(target.neurons, structure.ffn, strict=True)],
         hidden=first(target.hidden, structure.hidden.size),
     )

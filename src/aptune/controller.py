@@ -279,7 +279,7 @@ class APTController:
         hidden = int((self.masks.hidden > 0).sum())
         masked = StructureShape(
             hidden,
-            tuple(replace(a, heads=h, kv_heads=h) for a, h in zip(shape.attention, heads, strict=True)),
+            tuple(a.with_units(h) for a, h in zip(shape.attention, heads, strict=True)),
             tuple(replace(f, neurons=n) for f, n in zip(shape.ffn, neurons, strict=True)),
         )
         return count_prunable(masked) / self.base_params

@@ -53,7 +53,7 @@ class StructuralMasks:
     def ones(cls, structure: ModelStructure) -> StructuralMasks:
         """All-ones masks shaped like ``structure`` (a model's :func:`aptune.arch.describe`)."""
         return cls(
-            heads=[torch.ones(s.num_heads) for s in structure.attention],
+            heads=[torch.ones(s.num_units) for s in structure.attention],
             neurons=[torch.ones(s.num_neurons) for s in structure.ffn],
             hidden=torch.ones(structure.hidden.size),
         )
@@ -94,8 +94,11 @@ class StructuralMasks:
                 f"{len(structure.attention)} and {len(structure.ffn)}"
             )
         for m, s in zip(self.heads, structure.attention, strict=True):
-            if len(m) != s.num_heads:
-                raise MaskError(f"head mask for {s.name} has {len(m)} entries but it has {s.num_heads} heads")
+            if len(m) != s.num_units:
+                what = "heads" if s.group_size == 1 else "key/value head groups"
+                raise MaskError(
+                    f"head mask for {s.name} has {len(m)} entries but it has {s.num_units} {what}"
+                )
         for m, s in zip(self.neurons, structure.ffn, strict=True):
             if len(m) != s.num_neurons:
                 raise MaskError(
@@ -117,14 +120,31 @@ class StructuralMasks:
 # -- applying masks with hooks -------------------------------------------------------------------------
 
 
+def _rms_eps(norm: nn.Module) -> float | None:
+    """The epsilon of an RMS norm (transformers' ``*RMSNorm`` classes, ``torch.nn.RMSNorm``), else None."""
+    if isinstance(norm, nn.RMSNorm):
+        return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is not None and getattr(norm, "bias", None) is None and type(norm).__name__.endswith("RMSNorm"):
+        return float(eps)
+    return None
+
+
 def _norm_over_kept(norm: nn.Module, x: Tensor, kept: Tensor) -> Tensor:
     """The norm of ``x`` with statistics over the ``kept`` channels only; other channels come out as 0."""
-    if not isinstance(norm, nn.LayerNorm):
-        raise NotImplementedError(f"hidden-channel masking does not support {type(norm).__name__} yet")
-    weight = norm.weight[kept] if norm.weight is not None else None
-    bias = norm.bias[kept] if norm.bias is not None else None
     y = torch.zeros_like(x)
-    y[..., kept] = F.layer_norm(x[..., kept], (len(kept),), weight, bias, norm.eps)
+    if isinstance(norm, nn.LayerNorm):
+        weight = norm.weight[kept] if norm.weight is not None else None
+        bias = norm.bias[kept] if norm.bias is not None else None
+        y[..., kept] = F.layer_norm(x[..., kept], (len(kept),), weight, bias, norm.eps)
+        return y
+    eps = _rms_eps(norm)
+    if eps is None:
+        raise NotImplementedError(f"hidden-channel masking does not support {type(norm).__name__} yet")
+    # as transformers' RMS norms compute it: statistics in float32, scaled in the input dtype
+    h = x[..., kept].float()
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y[..., kept] = h * norm.weight[kept] if norm.weight is not None else h
     return y
 
 
@@ -141,7 +161,7 @@ class MaskHooks:
         self._handles: list = []
         for i, site in enumerate(structure.attention):
             if site.num_heads:
-                self._handles.append(site.o.register_forward_pre_hook(self._head_hook(i, site.head_dim)))
+                self._handles.append(site.o.register_forward_pre_hook(self._head_hook(i, site.unit_width)))
                 self._handles.append(
                     site.block.register_forward_hook(
                         self._skip_hook(self.masks.heads, i, site.skip), with_kwargs=True
@@ -158,7 +178,7 @@ class MaskHooks:
         hidden = structure.hidden
         for module in hidden.mask_inputs:
             self._handles.append(module.register_forward_pre_hook(self._hidden_input_hook))
-        for module in hidden.producers:
+        for module in [*hidden.producers, *hidden.mask_outputs]:
             self._handles.append(module.register_forward_hook(self._hidden_output_hook))
         for module in hidden.norms:
             self._handles.append(module.register_forward_hook(self._hidden_norm_hook))
@@ -172,13 +192,13 @@ class MaskHooks:
             del self.model._aptune_mask_hooks
 
     # Hooks read the *current* mask lists at call time, so set_* calls take effect without re-hooking.
-    def _head_hook(self, i: int, head_dim: int):
+    def _head_hook(self, i: int, width: int):
         def hook(module, args):
             mask = self.masks.heads[i]
             if not self.enabled or bool((mask == 1).all()):
                 return None
             x = args[0]
-            m = mask.to(x).repeat_interleave(head_dim)
+            m = mask.to(x).repeat_interleave(width)
             return (x * m, *args[1:])
 
         return hook

@@ -10,7 +10,8 @@ and the controller keeps ``S_bar = 0.85 S_bar + 0.15 S^`` once per step.
 
 Where the activations are read (the same tensors for every family, found through the spec):
 
-* heads: the input of the attention output projection (the per-head context), before the head mask;
+* heads: the input of the attention output projection (the per-head context), before the head mask; under
+  grouped-query attention the scored unit is a key/value head with its group of query heads;
 * neurons: the input of the FFN down projection (after the nonlinearity), before the neuron mask;
 * hidden channels: the inputs of every attention and FFN sublayer that carry gradients (2L sites).
 
@@ -185,17 +186,14 @@ class SalienceCollector:
         d = self.structure.hidden.size
         hidden = torch.zeros(d)
         for site, acc in zip(self.structure.attention, self._heads, strict=True):
-            score = torch.zeros(site.num_heads)
-            if site.num_heads and acc.act is not None and acc.grad is not None:
+            units, width = site.num_units, site.unit_width  # a unit: a key/value head and its query heads
+            score = torch.zeros(units)
+            if units and acc.act is not None and acc.grad is not None:
                 per_channel = (acc.act * acc.grad).cpu()
-                score = per_channel.view(site.num_heads, site.head_dim).sum(1)
+                score = per_channel.view(units, width).sum(1)
                 if self.use_kurtosis:
-                    o = self._outlier_matrix(site.o, acc)  # (D, heads * head_dim)
-                    per_head = (
-                        o.view(o.shape[0], site.num_heads, site.head_dim)
-                        .transpose(0, 1)
-                        .reshape(site.num_heads, -1)
-                    )
+                    o = self._outlier_matrix(site.o, acc)  # (D, units * width)
+                    per_head = o.view(o.shape[0], units, width).transpose(0, 1).reshape(units, -1)
                     score = score + outlier_term(per_head, dim=1).cpu()
                     hidden += outlier_term(o, dim=1).cpu()
             heads.append(score)

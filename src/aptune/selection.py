@@ -64,17 +64,16 @@ def _check_scores(scores: Tensor, length: int, what: str) -> Tensor:
 
 def _resize(shape: StructureShape, families: list[_Family], counts: list[int]) -> StructureShape:
     """``shape`` with each family's block count set to ``counts``."""
-    heads, neurons, hidden = list(shape.heads), list(shape.neurons), shape.hidden
+    units, neurons, hidden = list(shape.units), list(shape.neurons), shape.hidden
     for f, k in zip(families, counts, strict=True):
         if f.kind == "head":
-            heads[f.site] = k
+            units[f.site] = k
         elif f.kind == "neuron":
             neurons[f.site] = k
         else:
             hidden = k
     attention = tuple(
-        a if a.heads == h else replace(a, heads=h, kv_heads=h)
-        for a, h in zip(shape.attention, heads, strict=True)
+        a if a.kv_heads == u else a.with_units(u) for a, u in zip(shape.attention, units, strict=True)
     )
     ffn = tuple(
         f if f.neurons == n else replace(f, neurons=n) for f, n in zip(shape.ffn, neurons, strict=True)
@@ -106,8 +105,10 @@ def select_blocks(
     heads, neurons or channels) would exceed ``target_params``. So ``target_params - params`` is less than the
     exact cost of each such group, in particular less than that of the largest one.
 
-    Raises ValueError for malformed inputs, and NotImplementedError (from ``head_cost``) for grouped-query
-    attention sites.
+    Under grouped-query attention a "head" is a unit: one key/value head with its group of query heads
+    (``head_scores[i]`` has one entry per key/value head of site ``i``).
+
+    Raises ValueError for malformed inputs.
     """
     if len(head_scores) != len(shape.attention) or len(neuron_scores) != len(shape.ffn):
         raise ValueError(
@@ -126,7 +127,7 @@ def select_blocks(
 
     blocks = [
         ("head", i, s, n, head_multiple)
-        for i, (s, n) in enumerate(zip(head_scores, shape.heads, strict=True))
+        for i, (s, n) in enumerate(zip(head_scores, shape.units, strict=True))
     ]
     blocks += [
         ("neuron", i, s, n, ffn_multiple)

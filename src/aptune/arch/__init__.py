@@ -6,8 +6,9 @@ from torch import nn
 
 from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure
 from .bert import BertSpec
+from .llama import LlamaSpec
 
-SPECS: tuple[ArchSpec, ...] = (BertSpec(),)
+SPECS: tuple[ArchSpec, ...] = (BertSpec(), LlamaSpec())
 
 __all__ = [
     "SPECS",

@@ -4,14 +4,15 @@ A spec looks at a loaded Hugging Face model and describes, with references to it
 prunable structures are:
 
 * attention *sites* (one per attention sublayer: an encoder layer has one; a T5 decoder layer will have a
-  self-attention and a cross-attention site), each with its q/k/v/o projections, head size and head counts;
+  self-attention and a cross-attention site), each with its q/k/v/o projections, head size and head counts.
+  The pruning unit of a site is one key/value head with the query heads that share it (one head without
+  grouped-query attention);
 * FFN sites, each with its up (and gate) and down projections;
 * the hidden (model) channels shared by every layer: which embeddings, projections and norms read or write
   the residual stream, and which heads read it.
 
 Masks, the parameter budget and compaction only ask these objects; they never pattern-match module names.
-A new family (LLaMA with grouped-query attention, T5) adds a file next to ``bert.py`` and fills the same
-dataclasses.
+A new family adds a file next to ``bert.py`` and ``llama.py`` and fills the same dataclasses.
 """
 
 from __future__ import annotations
@@ -52,10 +53,29 @@ class AttentionSite:
     # set to a callable(site, num_heads, num_kv_heads) that updates bookkeeping attributes after slicing
     on_resize: Callable[[AttentionSite, int, int], None] | None = None
 
+    @classmethod
+    def dead(cls, name: str, layer: int, head_dim: int) -> AttentionSite:
+        """The site of a sublayer whose heads were all removed (it has no projections left)."""
+        return cls(name, layer, None, None, None, None, 0, 0, head_dim, None, None)
+
     @property
     def group_size(self) -> int:
         """Query heads per key/value head (1 without grouped-query attention)."""
         return self.num_heads // self.num_kv_heads if self.num_kv_heads else 1
+
+    @property
+    def num_units(self) -> int:
+        """Prunable head units: one per key/value head, with its ``group_size`` query heads.
+
+        Without grouped-query attention a unit is one head. Head masks, head scores and the selection all
+        count units, so a pruned site always keeps whole groups and its group size never changes.
+        """
+        return self.num_kv_heads if self.num_heads else 0
+
+    @property
+    def unit_width(self) -> int:
+        """Channels of one unit in q and in the input of o (those of k and v are ``head_dim``)."""
+        return self.group_size * self.head_dim
 
 
 @dataclass
@@ -87,6 +107,10 @@ class HiddenSpec:
     * ``norms``: norms over the hidden channels; with a partial hidden mask their statistics use kept channels.
     * ``mask_inputs``: modules whose *input* is multiplied by the hidden mask (the sum of embeddings before
       the embedding norm, §3.2 of the method spec).
+    * ``mask_outputs``: modules whose *output* is multiplied by the hidden mask but which compaction does not
+      slice as producers (LLaMA's token embedding, which feeds the residual stream directly).
+    * ``tied``: (reader, embedding) pairs that share one weight (a language-model head tied to the token
+      embedding): compaction slices the embedding and ties the reader to it again.
     """
 
     size: int
@@ -95,6 +119,8 @@ class HiddenSpec:
     producers: list[nn.Linear]
     norms: list[nn.Module]
     mask_inputs: list[nn.Module] = field(default_factory=list)
+    mask_outputs: list[nn.Module] = field(default_factory=list)
+    tied: list[tuple[nn.Linear, nn.Embedding]] = field(default_factory=list)
 
 
 @dataclass

@@ -82,7 +82,7 @@ class BertSpec(ArchSpec):
         for i, layer in enumerate(layers):
             att = layer.attention
             if isinstance(att, SkippedAttention):
-                attention.append(_dead_attention(i, head_dim))
+                attention.append(AttentionSite.dead(f"layer.{i}.attention", i, head_dim))
             else:
                 q, k, v, o = att.self.query, att.self.key, att.self.value, att.output.dense
                 n = q.out_features // head_dim
@@ -181,19 +181,3 @@ class BertSpec(ArchSpec):
             config.num_attention_heads = heads[0]
             config.intermediate_size = neurons[0]
         return expressible
-
-
-def _dead_attention(layer: int, head_dim: int) -> AttentionSite:
-    return AttentionSite(
-        name=f"layer.{layer}.attention",
-        layer=layer,
-        q=None,
-        k=None,
-        v=None,
-        o=None,
-        num_heads=0,
-        num_kv_heads=0,
-        head_dim=head_dim,
-        block=None,
-        skip=None,
-    )

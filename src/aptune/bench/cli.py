@@ -71,6 +71,13 @@ _VALUE_FLAGS: tuple[tuple[str, tuple[str, ...], Any, str], ...] = (
         float,
         "TTA threshold as a fraction of full FT's best validation (default: 0.97)",
     ),
+    (
+        "mmap_threshold",
+        ("--mmap-threshold",),
+        int,
+        "set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the children: CPU peak RSS then follows live tensors, "
+        "not heap fragmentation, but CPU training runs slower (a memory run, not a timing run)",
+    ),
 )
 
 

@@ -18,6 +18,8 @@ from ..config import ConfigError
 from .variants import base_method, default_methods, variants
 
 # Preset values, in one place so they are easy to tune. Explicit flags and config-file keys override them.
+MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc ignores larger values on 64-bit systems
+
 PRESETS: dict[str, dict[str, Any]] = {
     # MiniLM on rt-polarity with a short schedule, meant to finish within 30 minutes on 2 CPU cores. Measured
     # per-step times there (40-step runs): full 0.84 s, LoRA 0.59 s, APT 0.36 s, LoRAPrune 0.48 s; one epoch
@@ -155,6 +157,10 @@ class BenchConfig:
     inference_warmup: int = 3
     inference_runs: int = 10
     tta_fraction: float = 0.97  # TTA threshold: this fraction of full fine-tuning's best validation
+    # glibc's MALLOC_MMAP_THRESHOLD_ for the children (bytes): tensors at least this large get their own
+    # mapping, returned on free, so a CPU child's peak RSS follows its live tensors instead of heap
+    # fragmentation; it slows CPU training (page faults), so times from such a run are not comparable
+    mmap_threshold: int | None = None
     resume: bool = False  # skip methods whose report.json already exists in the output folder
     progress: bool = True
     preset: str | None = None  # recorded in results; its values are applied by build_config
@@ -224,6 +230,11 @@ class BenchConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mmap_threshold is not None and not 0 <= self.mmap_threshold <= MAX_MMAP_THRESHOLD:
+            raise ConfigError(
+                f"mmap_threshold must be between 0 and {MAX_MMAP_THRESHOLD} bytes (glibc's limit), "
+                f"got {self.mmap_threshold}"
+            )
         if self.inference_warmup < 0:
             raise ConfigError(f"inference_warmup must be >= 0, got {self.inference_warmup}")
         if not 0 < self.target_density <= 1:

@@ -122,6 +122,11 @@ def markdown(results: Mapping[str, Any]) -> str:
         lines.append(
             f"Training peak memory: {', '.join(train_kinds)}. Trainable params: the maximum over evaluations."
         )
+    if config.get("mmap_threshold") is not None:
+        lines.append(
+            f"Children ran with MALLOC_MMAP_THRESHOLD_={config['mmap_threshold']}: CPU peak RSS follows live "
+            "tensors, and CPU times are slower than in a default run (compare them only within this run)."
+        )
     failures = [(n, e) for n, e in methods.items() if e.get("status") == "failed"]
     failures += [
         (n, {"error": e["inference"]["error"]})

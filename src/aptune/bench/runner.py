@@ -79,9 +79,14 @@ def inference_command(config: BenchConfig, model_dir: Path, out_file: Path, devi
     ]
 
 
-def child_env() -> dict[str, str]:
-    """The parent's environment, unbuffered, and able to import this very aptune (e.g. from a checkout)."""
+def child_env(mmap_threshold: int | None = None) -> dict[str, str]:
+    """The parent's environment, unbuffered, and able to import this very aptune (e.g. from a checkout).
+
+    ``mmap_threshold`` sets glibc's ``MALLOC_MMAP_THRESHOLD_`` (see ``BenchConfig.mmap_threshold``).
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     import aptune
 
     root = str(Path(aptune.__file__).resolve().parent.parent)
@@ -93,7 +98,11 @@ def child_env() -> dict[str, str]:
 
 
 def run_child(
-    command: list[str], log_dir: Path, name: str, on_line: Callable[[str], None] | None = None
+    command: list[str],
+    log_dir: Path,
+    name: str,
+    on_line: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> ChildResult:
     """Run ``command``, feeding each stdout line to ``on_line``; logs go to ``log_dir/NAME.std*.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +110,7 @@ def run_child(
     started = time.perf_counter()
     with open(out_log, "w") as out, open(err_log, "w") as err:
         proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, env=child_env()
+            command, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, env=env or child_env()
         )
         try:
             assert proc.stdout is not None

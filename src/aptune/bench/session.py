@@ -28,7 +28,7 @@ from ..config import ConfigError
 from .config import BenchConfig
 from .metrics import compare, summarize_report
 from .report import markdown, write_json, write_plots
-from .runner import inference_command, parse_eval_line, run_child, train_command
+from .runner import child_env, inference_command, parse_eval_line, run_child, train_command
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -155,7 +155,7 @@ def run_method(
         for stale in (report_path, inference_path):
             stale.unlink(missing_ok=True)
         command = train_command(config, name, folder, model_path)
-        child = run_child(command, folder, "train", on_line)
+        child = run_child(command, folder, "train", on_line, env=child_env(config.mmap_threshold))
         entry.update(train_command=shlex.join(command), train_wall_time_s=child.wall_time_s)
         entry["train_logs"] = [child.stdout_log, child.stderr_log]
         if not child.ok or not report_path.is_file():
@@ -187,7 +187,7 @@ def measure_inference(config: BenchConfig, folder: Path, out_file: Path, device:
         except (OSError, ValueError):
             pass
     command = inference_command(config, folder / "model", out_file, device)
-    child = run_child(command, folder, "inference")
+    child = run_child(command, folder, "inference", env=child_env(config.mmap_threshold))
     if not child.ok or not out_file.is_file():
         return {"error": child.error or "no inference.json written", "command": shlex.join(command)}
     return {**json.loads(out_file.read_text()), "command": shlex.join(command)}

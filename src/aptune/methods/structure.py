@@ -1,6 +1,7 @@
 """Structured groups and the shared pruning step of the baselines.
 
-A *group* is every parameter that disappears with one block: for a head, its rows of q, k and v (weights and
+A *group* is every parameter that disappears with one block: for a head unit (one key/value head and the
+query heads that share it; one head without grouped-query attention), its rows of q, k and v (weights and
 biases) and its columns of o; for an FFN neuron, its row of up (and gate) and its column of down. Criteria
 that score single weights (Taylor, LoRA-guided) are summed over groups with :func:`group_scores`; the
 selection and the physical removal are the same for every method (:func:`prune_to_budget`).
@@ -55,9 +56,8 @@ def group_scores(model: nn.Module, element_scores: ElementScores) -> tuple[list[
                     out += part.detach().to("cpu", torch.float64)
         return out
 
-    if any(site.num_kv_heads != site.num_heads for site in structure.attention):
-        raise NotImplementedError("group scores under grouped-query attention arrive with the LLaMA spec")
-    heads = [total(s.num_heads, [s.q, s.k, s.v], s.o) for s in structure.attention]
+    # q rows and o columns fold into units of group_size heads, k and v rows into single heads: one unit each
+    heads = [total(s.num_units, [s.q, s.k, s.v], s.o) for s in structure.attention]
     neurons = [total(s.num_neurons, s.inputs, s.down) for s in structure.ffn]
     return heads, neurons
 

@@ -52,12 +52,12 @@ def mask_fisher(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> MaskF
 
     for i, s in enumerate(structure.attention):
         if s.num_heads:
-            handles.append(s.o.register_forward_pre_hook(hook("head", i, s.num_heads)))
+            handles.append(s.o.register_forward_pre_hook(hook("head", i, s.num_units)))
     for i, s in enumerate(structure.ffn):
         if s.num_neurons:
             handles.append(s.down.register_forward_pre_hook(hook("neuron", i, s.num_neurons)))
 
-    heads = [torch.zeros(s.num_heads, s.num_heads, dtype=torch.float64) for s in structure.attention]
+    heads = [torch.zeros(s.num_units, s.num_units, dtype=torch.float64) for s in structure.attention]
     neurons = [torch.zeros(s.num_neurons, s.num_neurons, dtype=torch.float64) for s in structure.ffn]
     was_training = model.training
     model.eval()
