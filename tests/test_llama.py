@@ -8,6 +8,8 @@ with its 2 query heads.
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import pytest
 import torch
@@ -224,3 +226,22 @@ def test_every_pruning_method_trains_a_gqa_decoder(llama_folder, method, extra, 
     batch = tiny_batch(seed=5, batch=4, vocab=20)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, final.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_info_shows_key_value_heads(tmp_path, capsys):
+    from aptune.cli import main
+
+    model = tiny_model("MistralForCausalLM")
+    masks = aptune.StructuralMasks.for_model(model)
+    masks.set_heads(2, [0.0, 1.0])
+    aptune.save_pruned(aptune.compact(model, masks), tmp_path / "m")
+    assert main(["info", str(tmp_path / "m"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (
+        info["heads"] == [4, 4, 2] and info["kv_heads"] == [2, 2, 1] and info["kv_heads_before"] == [2, 2, 2]
+    )
+    assert main(["info", str(tmp_path / "m")]) == 0
+    table = capsys.readouterr().out
+    assert "kv heads" in table and re.search(
+        r"\n\s+2\s+2/4\s+1/2\s", table
+    )  # layer 2: 2 of 4 heads, 1 of 2 kv

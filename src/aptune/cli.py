@@ -59,6 +59,8 @@ def _info(args: argparse.Namespace) -> int:
             "hidden_before": base.hidden,
             "heads": list(shape.heads),
             "heads_before": list(base.heads),
+            "kv_heads": list(shape.units),
+            "kv_heads_before": list(base.units),
             "neurons": list(shape.neurons),
             "neurons_before": list(base.neurons),
             "plain_from_pretrained": plain,
@@ -68,9 +70,12 @@ def _info(args: argparse.Namespace) -> int:
     print(f"model      {path}")
     print(f"class      {type(model).__name__} (family {report['family']})")
     print(f"hidden     {shape.hidden} of {base.hidden} channels")
-    print(f"{'layer':>5}  {'heads':>9}  {'FFN neurons':>13}")
+    grouped = any(a.heads != a.kv_heads for a in base.attention)  # grouped-query attention: show kv heads
+    kv_title = f"  {'kv heads':>9}" if grouped else ""
+    print(f"{'layer':>5}  {'heads':>9}{kv_title}  {'FFN neurons':>13}")
     for i, (a, f) in enumerate(zip(structure.attention, structure.ffn, strict=True)):
-        print(f"{i:>5}  {a.num_heads:>4}/{base.heads[i]:<4}  {f.num_neurons:>6}/{base.neurons[i]:<6}")
+        kv = f"  {a.num_kv_heads:>4}/{base.units[i]:<4}" if grouped else ""
+        print(f"{i:>5}  {a.num_heads:>4}/{base.heads[i]:<4}{kv}  {f.num_neurons:>6}/{base.neurons[i]:<6}")
     print(
         f"prunable   {report['prunable']:,} of {report['prunable_before']:,} parameters "
         f"(density {report['density']:.3f})"
