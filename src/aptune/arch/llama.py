@@ -48,7 +48,7 @@ def _skip_ffn(module, args, kwargs, output):
 
 
 _PREFIXES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
-# Task heads, by class-name suffix: (attribute, role). Every one reads the final hidden states.
+# Task heads by class-name suffix: the attributes that hold them (each reads the final hidden states).
 _HEAD_SUFFIXES = {"Model": [], "ForCausalLM": ["lm_head"], "ForSequenceClassification": ["score"]}
 
 
@@ -175,7 +175,7 @@ class LlamaSpec(ArchSpec):
 
 def _head_attributes(model: nn.Module) -> list[str]:
     name = type(model).__name__
-    for suffix, attrs in _HEAD_SUFFIXES.items():
-        if name.endswith(suffix) and any(name == p + suffix for p in _PREFIXES.values()):
-            return attrs
+    for prefix in _PREFIXES.values():
+        if name.startswith(prefix):
+            return _HEAD_SUFFIXES.get(name[len(prefix) :], [])
     return []

@@ -17,9 +17,9 @@ from typing import Any
 from ..config import ConfigError
 from .variants import base_method, default_methods, variants
 
-# Preset values, in one place so they are easy to tune. Explicit flags and config-file keys override them.
 MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc ignores larger values on 64-bit systems
 
+# Preset values, in one place so they are easy to tune. Explicit flags and config-file keys override them.
 PRESETS: dict[str, dict[str, Any]] = {
     # MiniLM on rt-polarity with a short schedule, meant to finish within 30 minutes on 2 CPU cores. Measured
     # per-step times there (40-step runs): full 0.84 s, LoRA 0.59 s, APT 0.36 s, LoRAPrune 0.48 s; one epoch
