@@ -207,6 +207,7 @@ def llama_folder(tmp_path_factory):
     "method, extra",
     [
         ("apt", ["--epochs", "3", "--num-checkpoints", "4", "--learning-rate", "3e-3"]),
+        ("apt", ["--epochs", "3", "--num-checkpoints", "4", "--distill"]),  # off by default for decoders
         ("lora-prune", ["--epochs", "1", "--pretune-epochs", "1", "--calibration-batches", "2"]),
         ("loraprune", ["--epochs", "3", "--iterative-steps", "4"]),
         ("llm-pruner", ["--epochs", "1", "--calibration-batches", "2"]),
