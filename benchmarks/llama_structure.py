@@ -33,6 +33,7 @@ from aptune.arch import describe
 from aptune.assets import smollm2_path
 from aptune.budget import StructureShape, count_prunable
 from aptune.evaluate.speed import measure_throughput
+from aptune.methods.structure import selection_masks
 from aptune.salience import SalienceCollector
 from aptune.selection import select_blocks
 
@@ -113,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     select_s = time.perf_counter() - started
 
     # 2. masked == compacted == reloaded
-    masks = aptune.StructuralMasks(
-        [k.float() for k in sel.heads], [k.float() for k in sel.neurons], sel.hidden.float()
-    )
-    aptune.apply_masks(model, masks)
+    aptune.apply_masks(model, selection_masks(sel))
     probe = evaluation[0]
     with torch.no_grad():
         masked_logits = model(input_ids=probe["input_ids"]).logits

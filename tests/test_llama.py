@@ -7,7 +7,6 @@ with its 2 query heads.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
@@ -21,7 +20,7 @@ from transformers import AutoModelForCausalLM
 import aptune
 from aptune.arch import describe
 from aptune.budget import StructureShape, count_prunable, counted_parameters, head_cost, hidden_cost
-from aptune.methods.structure import group_scores
+from aptune.methods.structure import group_scores, selection_masks
 from aptune.salience import SalienceCollector
 from aptune.selection import select_blocks
 
@@ -139,10 +138,7 @@ def test_selection_keeps_whole_groups_under_the_budget():
     assert sel.shape.heads == tuple(2 * int(k.sum()) for k in sel.heads)
     assert sel.shape.units == tuple(int(k.sum()) for k in sel.heads)
     # the masks of the selection cut the model to exactly the counted shape
-    masks = aptune.StructuralMasks(
-        [k.float() for k in sel.heads], [k.float() for k in sel.neurons], sel.hidden.float()
-    )
-    aptune.compact(model, masks)
+    aptune.compact(model, selection_masks(sel))
     assert aptune.param_report(model)["prunable"] == sel.params
 
 
@@ -214,8 +210,9 @@ def llama_folder(tmp_path_factory):
     ],
 )
 def test_every_pruning_method_trains_a_gqa_decoder(llama_folder, method, extra, monkeypatch):
-    folder = copy.copy(llama_folder)
-    report, out, _, final = run_method(folder, method, "--density", "0.5", *extra, monkeypatch=monkeypatch)
+    report, out, _, final = run_method(
+        llama_folder, method, "--density", "0.5", *extra, monkeypatch=monkeypatch
+    )
     before, after = report["params_before"], report["params_after"]
     assert before["family"] == "llama"
     target = int(0.5 * before["prunable"])
