@@ -34,7 +34,7 @@ from aptune.assets import smollm2_path
 from aptune.budget import StructureShape, count_prunable
 from aptune.evaluate.speed import measure_throughput
 from aptune.methods.structure import selection_masks
-from aptune.salience import SalienceCollector
+from aptune.salience import BlockScores, SalienceCollector, outlier_scores, with_outliers
 from aptune.selection import select_blocks
 
 
@@ -95,11 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     # 1. salience summed over the calibration batches (the frozen weights need grads for the hooks to fire)
     started = time.perf_counter()
     model.requires_grad_(True)
-    collector = SalienceCollector(model, structure, use_kurtosis=True)
+    collector = SalienceCollector(model, structure)
     heads = neurons = hidden = None
+    head_inputs: list = []
+    neuron_inputs: list = []
     for b in calibration:
         collector.start()
         model(**b).loss.backward()
+        h_in, n_in = collector.mean_inputs()
+        head_inputs = h_in if not head_inputs else [a + c for a, c in zip(head_inputs, h_in, strict=True)]
+        neuron_inputs = (
+            n_in if not neuron_inputs else [a + c for a, c in zip(neuron_inputs, n_in, strict=True)]
+        )
         s = collector.scores()
         heads = s.heads if heads is None else [a + c for a, c in zip(heads, s.heads, strict=True)]
         neurons = s.neurons if neurons is None else [a + c for a, c in zip(neurons, s.neurons, strict=True)]
@@ -107,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         model.zero_grad(set_to_none=True)
     collector.remove()
     model.requires_grad_(False)
+    # the outlier term (kurtosis of W x mean input), at the scale of the salience of each block type
+    outliers = outlier_scores(structure, head_inputs, neuron_inputs)
+    scored = with_outliers(BlockScores(heads, neurons, hidden), outliers, weight=1.0)
+    heads, neurons, hidden = scored.heads, scored.neurons, scored.hidden
     target = int(args.density * count_prunable(shape))
     sel = select_blocks(
         shape, heads, neurons, hidden, target, ffn_multiple=args.ffn_multiple, prune_hidden=not args.no_hidden

@@ -13,6 +13,7 @@ from torch import nn
 import aptune
 from aptune.adapter import APTLinear, adapter_importance, adapter_param_count, merge_adapters, wrap_linear
 from aptune.compact import slice_linear
+from aptune.distill import identity_transform
 
 
 def make_adapter(
@@ -96,7 +97,8 @@ def test_grow_bf16_and_errors():
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     before = ad(x)
     ad.grow(12)
-    assert ad.lora_A.dtype == torch.bfloat16
+    assert ad.lora_A.dtype == ad.lora_B.dtype == torch.float32  # fp32 factors on a bf16 base
+    assert ad(x).dtype == torch.bfloat16
     torch.testing.assert_close(ad(x), before, atol=0, rtol=1e-2)
     A = ad.lora_A
     assert ad.grow(12)[0] is A  # same rank: nothing changes
@@ -277,3 +279,91 @@ def test_hooks_follow_wrap_and_merge():
     aptune.compact(model)
     with torch.no_grad():
         torch.testing.assert_close(first_output(model(**batch)), masked, atol=1e-5, rtol=0)
+
+
+# -- dtype: fp32 adapter factors on a low-precision base, as in PEFT -----------------------------------------
+
+
+def factor_dtypes(ad: APTLinear) -> set[torch.dtype]:
+    tensors = [ad.lora_A, ad.lora_B] + [t for t in (ad.teacher_A, ad.teacher_B) if t is not None]
+    return {t.dtype for t in tensors}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_factors_stay_fp32_on_a_low_precision_base(dtype):
+    ad = make_adapter(in_f=16, out_f=12, rank=4, dtype=dtype)
+    assert ad.weight.dtype == dtype and factor_dtypes(ad) == {torch.float32}
+    ad.snapshot_teacher()
+    assert factor_dtypes(ad) == {torch.float32} and ad.teacher_A.dtype == torch.float32
+    ad.grow(8, generator=torch.Generator().manual_seed(0))
+    assert factor_dtypes(ad) == {torch.float32}
+    ad.aptune_slice(torch.tensor([0, 2, 5, 11]), torch.tensor([1, 3, 4, 8, 15]))
+    assert factor_dtypes(ad) == {torch.float32}
+    assert ad.weight.dtype == dtype and ad.lora_A.shape == (8, 5) and ad.teacher_B.shape == (4, 4)
+    x = torch.randn(3, 5, dtype=dtype)
+    for teacher in (False, True):
+        ad.use_teacher = teacher
+        assert ad(x).dtype == dtype
+    # the distillation transform: an identity in the model's dtype, fp32 factors
+    tr = identity_transform(16, 8, dtype=dtype)
+    assert tr.weight.dtype == dtype and factor_dtypes(tr) == {torch.float32}
+    h = torch.randn(2, 3, 16, dtype=dtype)
+    assert tr(h).dtype == dtype and torch.equal(tr(h), h)
+
+
+def test_wrapping_a_bf16_model_gives_fp32_factors():
+    model = tiny_model("BertForSequenceClassification").to(torch.bfloat16)
+    adapters = aptune.adapter.add_adapters(model, ["q", "v", "up"], rank=4)
+    assert len(adapters) == 9 and all(factor_dtypes(a) == {torch.float32} for a in adapters)
+    batch = tiny_batch()
+    out = first_output(model(**batch))
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+
+
+def test_small_updates_are_not_lost_on_a_bf16_base():
+    """An AdamW step of ~1e-4 on an entry of 0.05 moves an fp32 factor; in bf16 it would round back to 0.05."""
+    ad = make_adapter(in_f=8, out_f=6, rank=2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ad.lora_B.fill_(0.05)
+    before = ad.lora_B.detach().clone()
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    out = ad(x)
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    assert ad.lora_B.grad.dtype == torch.float32 and bool((ad.lora_B.grad != 0).all())
+    lr = 1e-4  # AdamW's first step moves every entry by about lr (the update is lr * g / |g|)
+    torch.optim.AdamW([ad.lora_A, ad.lora_B], lr=lr, weight_decay=0.0).step()
+    change = (ad.lora_B.detach() - before).abs()
+    torch.testing.assert_close(change, torch.full_like(change, lr), atol=1e-6, rtol=0)
+    # the same step on a bf16 master weight is lost: 0.05 +- 1e-4 rounds back to 0.05 (bf16 spacing ~2.4e-4)
+    bf16 = nn.Parameter(torch.full((6, 2), 0.05, dtype=torch.bfloat16))
+    bf16.grad = ad.lora_B.grad.to(torch.bfloat16)
+    torch.optim.AdamW([bf16], lr=lr, weight_decay=0.0).step()
+    assert torch.equal(bf16.detach(), torch.full((6, 2), 0.05, dtype=torch.bfloat16))
+
+
+def test_bf16_forward_merge_and_autocast():
+    ad = make_adapter(in_f=16, out_f=12, rank=4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ad.lora_B.mul_(0.1)
+    W0, b = ad.weight.float(), ad.bias.float()
+    delta = 2.0 * ad.lora_B.detach() @ ad.lora_A.detach()  # fp32
+    merged = ad.merged_weight()
+    assert merged.dtype == torch.bfloat16
+    torch.testing.assert_close(merged, (W0 + delta).to(torch.bfloat16), atol=0, rtol=0)
+    torch.testing.assert_close(merged.float(), W0 + delta, atol=1e-2, rtol=1e-2)
+    layer = ad.merge()
+    assert layer.weight.dtype == layer.bias.dtype == torch.bfloat16 and torch.equal(layer.weight, merged)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    expected = x.float() @ (W0 + delta).T + b
+    y = ad(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, atol=5e-2, rtol=2e-2)
+    # under autocast the layer runs in the autocast dtype and still trains its fp32 factors
+    for base_dtype in (torch.bfloat16, torch.float32):
+        ad = make_adapter(in_f=16, out_f=12, rank=4, dtype=base_dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ad(torch.randn(5, 16))
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert ad.lora_B.grad.dtype == torch.float32 and bool(ad.lora_B.grad.abs().sum() > 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from conftest import tiny_model
 
@@ -116,6 +118,75 @@ def test_adapters_and_trainable_parameters():
     assert all(id(a.lora_A) in trainable and id(a.lora_B) in trainable for a in adapters)
     assert all(id(p) in trainable for p in model.classifier.parameters())
     assert not any(id(a.base.weight) in trainable for a in adapters)
+
+
+def test_every_checkpoint_below_density_one_removes_blocks_physically():
+    """Finding 2: with checkpoint intervals equal to the decay window, the next window opens on each
+    checkpoint's step; the checkpoint must still remove the blocks its window dropped before decay resumes."""
+    model = tiny_model(
+        "BertForSequenceClassification", num_labels=2, initializer_range=0.05, intermediate_size=64
+    )
+    config = replace(SMALL_SCHEDULE, decay_window=20, distill=False)  # intervals of 20 steps
+    controller = APTController(model, config, total_steps=120, steps_per_epoch=20)
+    schedule = controller.schedule
+    assert schedule.windows[1][0] == schedule.checkpoints[0]  # the situation of the bug
+    targets = dict(zip(schedule.checkpoints, schedule.targets, strict=True))
+    optimizer = torch.optim.AdamW(controller.trainable_parameters(), lr=3e-3)
+    removed_at = []
+    model.train()
+    for batch in synthetic_batches(20, seed=0) * 6:
+        controller.before_forward()
+        controller.compute_loss(batch).backward()
+        controller.after_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = count_prunable(StructureShape.of(aptune.describe(controller.model)))
+        if controller.after_step():
+            optimizer = torch.optim.AdamW(controller.trainable_parameters(), lr=3e-3)
+        after = count_prunable(StructureShape.of(aptune.describe(controller.model)))
+        if controller.step in targets and targets[controller.step] < 1:
+            # the budget is met by the physical structure, not by masks waiting for a later checkpoint
+            assert after <= targets[controller.step] * controller.base_params, controller.step
+            if after < before:
+                removed_at.append(controller.step)
+    assert len(removed_at) >= 2, removed_at
+
+
+def test_only_new_task_layers_train_besides_the_adapters():
+    """Finding 3: BERT's pretrained pooler stays frozen; the new classifier trains; the same for every
+    adapter baseline and for PEFT's LoRA."""
+    from aptune.methods import BaselineConfig, build_method
+
+    def trained_heads(model, params) -> set[str]:
+        ids = {id(p) for p in params}
+        return {n.split(".")[0] for n, p in model.named_parameters() if id(p) in ids and "lora_" not in n}
+
+    model = tiny_model("BertForSequenceClassification", num_labels=2)
+    assert model.bert.pooler is not None
+    controller = APTController(
+        model, replace(SMALL_SCHEDULE, distill=False), total_steps=160, steps_per_epoch=20
+    )
+    assert trained_heads(model, controller.trainable_parameters()) == {"classifier"}
+    for name in ("lora", "lora-prune", "loraprune", "llm-pruner"):
+        model = tiny_model("BertForSequenceClassification", num_labels=2)
+        method = build_method(
+            name,
+            model,
+            total_steps=100,
+            steps_per_epoch=20,
+            apt=APTConfig(),
+            baseline=BaselineConfig(),
+            lora_rank=8,
+            lora_targets=None,
+            calibration=None,
+        )
+        names = {n for n, p in method.model.named_parameters() if p.requires_grad and "lora_" not in n}
+        assert names and all("classifier" in n for n in names), (name, names)
+    llama = tiny_model("LlamaForSequenceClassification")
+    controller = APTController(
+        llama, replace(SMALL_SCHEDULE, distill=False), total_steps=160, steps_per_epoch=20
+    )
+    assert trained_heads(llama, controller.trainable_parameters()) == {"score"}
 
 
 def test_bad_config_is_refused():

@@ -200,7 +200,10 @@ def test_trainer_run_equals_the_controllers_plain_loop(tmp_path):
 
     # the placement matters here: salience from clipped gradients would give other rank scores
     _, ctrl_c = plain_loop(clip_before_salience=True)
-    assert ctrl_c.history != ctrl_p.history
+    assert any(
+        not torch.allclose(a, b, rtol=1e-3)
+        for a, b in zip(ctrl_c.rank_scores, ctrl_p.rank_scores, strict=True)
+    )
 
 
 def test_gradient_accumulation_calls_after_backward_once_per_optimizer_step(tmp_path):

@@ -148,7 +148,7 @@ def test_salience_scores_one_value_per_unit():
         model.model.layers[0].self_attn.v_proj.weight[8:16] = 0
     for p in model.parameters():
         p.requires_grad_(True)
-    collector = SalienceCollector(model, describe(model), use_kurtosis=False)
+    collector = SalienceCollector(model, describe(model))
     collector.start()
     batch = {**tiny_batch(seed=3), "labels": torch.tensor([0, 1, 2])}
     model(**batch).loss.backward()

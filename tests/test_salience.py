@@ -6,11 +6,20 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import aptune
-from aptune.salience import BlockScores, SalienceCollector, ema, kurtosis, outlier_term
+from aptune.salience import (
+    BlockScores,
+    SalienceCollector,
+    ema,
+    kurtosis,
+    outlier_scores,
+    outlier_term,
+    with_outliers,
+)
 
 
-def brute_force_scores(model, batch, labels, use_kurtosis: bool):
-    """Capture the hooked tensors with retain_grad and score channel by channel in plain Python loops."""
+def brute_force_scores(model, batch, labels):
+    """Capture the hooked tensors with retain_grad and score channel by channel in plain Python loops:
+    (sum over real tokens of |h|) x (sum over real tokens of |g|) / (number of real tokens)."""
     structure = aptune.describe(model)
     captured: dict[str, list] = {"o": [], "down": [], "q": [], "up": []}
 
@@ -34,11 +43,13 @@ def brute_force_scores(model, batch, labels, use_kurtosis: bool):
     loss.backward()
     for h in handles:
         h.remove()
+    real = batch["attention_mask"].bool()
+    n = int(real.sum())
 
     def channel_scores(x):
-        h, g = x.detach().reshape(-1, x.shape[-1]), x.grad.reshape(-1, x.shape[-1])
+        h, g = x.detach()[real], x.grad[real]  # (real tokens, channels)
         return torch.tensor(
-            [float(h[:, c].abs().sum()) * float(g[:, c].abs().sum()) for c in range(h.shape[1])]
+            [float(h[:, c].abs().sum()) * float(g[:, c].abs().sum()) / n for c in range(h.shape[1])]
         )
 
     d = structure.hidden.size
@@ -46,31 +57,39 @@ def brute_force_scores(model, batch, labels, use_kurtosis: bool):
     heads = []
     for s, x in zip(structure.attention, captured["o"], strict=True):
         per = channel_scores(x)
-        score = torch.tensor(
-            [float(per[i * s.head_dim : (i + 1) * s.head_dim].sum()) for i in range(s.num_heads)]
+        heads.append(
+            torch.tensor(
+                [float(per[i * s.head_dim : (i + 1) * s.head_dim].sum()) for i in range(s.num_heads)]
+            )
         )
-        if use_kurtosis:
-            xbar = x.detach().reshape(-1, x.shape[-1]).mean(0)
-            o = s.o.weight.detach() * xbar[None, :]
-            for i in range(s.num_heads):
-                entries = o[:, i * s.head_dim : (i + 1) * s.head_dim].flatten()
-                score[i] += outlier_term(entries, dim=0)
-            for j in range(d):
-                hidden[j] += outlier_term(o[j], dim=0)
-        heads.append(score)
-    neurons = []
-    for s, x in zip(structure.ffn, captured["down"], strict=True):
-        score = channel_scores(x)
-        if use_kurtosis:
-            xbar = x.detach().reshape(-1, x.shape[-1]).mean(0)
-            o = s.down.weight.detach() * xbar[None, :]
-            for k in range(s.num_neurons):
-                score[k] += outlier_term(o[:, k], dim=0)
-            for j in range(d):
-                hidden[j] += outlier_term(o[j], dim=0)
-        neurons.append(score)
+    neurons = [channel_scores(x) for x in captured["down"]]
     for x in captured["q"] + captured["up"]:
         hidden += channel_scores(x)
+    means = {kind: [x.detach()[real].mean(0) for x in captured[kind]] for kind in ("o", "down")}
+    return BlockScores(heads, neurons, hidden), means
+
+
+def brute_force_outliers(model, means):
+    """The outlier term with explicit loops: kurtosis over each head's columns, each neuron's column and
+    each hidden channel's row of O = W * mean input."""
+    structure = aptune.describe(model)
+    hidden = torch.zeros(structure.hidden.size)
+    heads, neurons = [], []
+    for s, xbar in zip(structure.attention, means["o"], strict=True):
+        o = s.o.weight.detach() * xbar[None, :]
+        heads.append(
+            torch.stack(
+                [
+                    outlier_term(o[:, i * s.head_dim : (i + 1) * s.head_dim].flatten(), dim=0)
+                    for i in range(s.num_heads)
+                ]
+            )
+        )
+        hidden += torch.stack([outlier_term(o[j], dim=0) for j in range(o.shape[0])])
+    for s, xbar in zip(structure.ffn, means["down"], strict=True):
+        o = s.down.weight.detach() * xbar[None, :]
+        neurons.append(torch.stack([outlier_term(o[:, k], dim=0) for k in range(o.shape[1])]))
+        hidden += torch.stack([outlier_term(o[j], dim=0) for j in range(o.shape[0])])
     return BlockScores(heads, neurons, hidden)
 
 
@@ -91,22 +110,95 @@ def test_ema_weights():
 
 
 def test_collector_matches_brute_force():
-    for use_kurtosis in (False, True):
-        model = tiny_model("BertForSequenceClassification", seed=4)
-        model.train()
-        batch = tiny_batch(2)
-        labels = torch.tensor([0, 2, 1])
-        collector = SalienceCollector(model, aptune.describe(model), use_kurtosis=use_kurtosis)
+    model = tiny_model("BertForSequenceClassification", seed=4)
+    model.train()
+    batch = tiny_batch(2)  # one padded row
+    labels = torch.tensor([0, 2, 1])
+    collector = SalienceCollector(model, aptune.describe(model))
+    collector.start()
+    loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
+    loss.backward()
+    heads_in, neurons_in = collector.mean_inputs()
+    got = collector.scores()
+    collector.remove()
+    model.zero_grad()
+    expected, means = brute_force_scores(model, batch, labels)
+    for a, b in zip(got.tensors(), expected.tensors(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert all(bool((t > 0).all()) for t in got.tensors())
+    for a, b in zip(heads_in + neurons_in, means["o"] + means["down"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    outliers = outlier_scores(aptune.describe(model), heads_in, neurons_in)
+    for a, b in zip(outliers.tensors(), brute_force_outliers(model, means).tensors(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_scores_do_not_depend_on_padding():
+    """Padding the same examples to the longest row or to a fixed length gives the same scores (finding 6)."""
+    model = tiny_model("BertForSequenceClassification", seed=4)
+    model.train()
+    labels = torch.tensor([0, 2, 1])
+    short = tiny_batch(2)  # 9 tokens, one row padded from 6
+    padded = {k: torch.nn.functional.pad(v, (0, 40)) for k, v in short.items()}  # 49 tokens, pad id 0
+    results = []
+    for batch in (short, padded):
+        collector = SalienceCollector(model, aptune.describe(model))
         collector.start()
-        loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
-        loss.backward()
-        got = collector.scores()
+        torch.nn.functional.cross_entropy(model(**batch).logits, labels).backward()
+        inputs = collector.mean_inputs()
+        results.append((collector.scores(), inputs))
         collector.remove()
         model.zero_grad()
-        expected = brute_force_scores(model, batch, labels, use_kurtosis)
-        for a, b in zip(got.tensors(), expected.tensors(), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-        assert all(bool((t > 0).all()) for t in got.tensors())
+    (a, (ah, an)), (b, (bh, bn)) = results
+    for x, y in zip(a.tensors() + ah + an, b.tensors() + bh + bn, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+
+
+def test_scores_do_not_grow_with_the_batch():
+    """The same rows twice in one batch give the same per-token scores as once (finding 1: S~ no longer
+    grows with the batch, so it keeps its scale against the outlier term)."""
+    model = tiny_model("BertForSequenceClassification", seed=4)
+    model.train()
+    batch, labels = tiny_batch(2), torch.tensor([0, 2, 1])
+    double = {k: torch.cat([v, v]) for k, v in batch.items()}
+    results = []
+    for b, y in ((batch, labels), (double, torch.cat([labels, labels]))):
+        collector = SalienceCollector(model, aptune.describe(model))
+        collector.start()
+        torch.nn.functional.cross_entropy(model(**b).logits, y).backward()
+        results.append(collector.scores())
+        collector.remove()
+        model.zero_grad()
+    for x, y in zip(results[0].tensors(), results[1].tensors(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+
+
+def test_outlier_term_is_commensurate_and_fades_with_the_mask():
+    salience = BlockScores(
+        [torch.tensor([100.0, 300.0])], [torch.tensor([1.0, 2.0, 3.0])], torch.tensor([5.0, 5.0])
+    )
+    outliers = BlockScores(
+        [torch.tensor([1.0, 3.0])], [torch.tensor([0.5, 0.0, 1.0])], torch.tensor([2.0, 0.0])
+    )
+    combined = with_outliers(salience, outliers, weight=0.5)
+    # per type, the bonus averages weight x the mean salience of that type
+    torch.testing.assert_close(combined.heads[0] - salience.heads[0], torch.tensor([50.0, 150.0]))
+    torch.testing.assert_close(
+        combined.neurons[0] - salience.neurons[0], torch.tensor([1.0 / 3, 0.0, 2.0 / 3]) * 3
+    )
+    torch.testing.assert_close(combined.hidden - salience.hidden, torch.tensor([5.0, 0.0]))
+    # scaling the salience (a bigger batch, a larger loss) scales the bonus with it: the choice is unchanged
+    scaled = BlockScores(
+        [t * 1000 for t in salience.heads], [t * 1000 for t in salience.neurons], salience.hidden * 1000
+    )
+    combined_scaled = with_outliers(scaled, outliers, weight=0.5)
+    for x, y in zip(combined_scaled.tensors(), combined.tensors(), strict=True):
+        torch.testing.assert_close(x, y * 1000)
+    # a masked block has no bonus; a half-decayed one has half
+    masks = BlockScores([torch.tensor([0.0, 1.0])], [torch.tensor([1.0, 1.0, 0.5])], torch.tensor([1.0, 1.0]))
+    faded = with_outliers(salience, outliers, weight=0.5, masks=masks)
+    assert faded.heads[0][0] == salience.heads[0][0]
+    torch.testing.assert_close(faded.neurons[0][2] - salience.neurons[0][2], torch.tensor(1.0))
 
 
 def test_masked_heads_lose_salience():
@@ -114,7 +206,7 @@ def test_masked_heads_lose_salience():
     masks = aptune.StructuralMasks.for_model(model)
     masks.set_heads(0, [1, 0, 1, 1])
     aptune.apply_masks(model, masks)
-    collector = SalienceCollector(model, aptune.describe(model), use_kurtosis=False)
+    collector = SalienceCollector(model, aptune.describe(model))
     collector.start()
     torch.nn.functional.cross_entropy(model(**tiny_batch(2)).logits, torch.tensor([0, 2, 1])).backward()
     scores = collector.scores()

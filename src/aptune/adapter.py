@@ -8,6 +8,11 @@ Structural changes (:meth:`APTLinear.grow`, :meth:`APTLinear.aptune_slice`, :fun
 parameter objects, so any optimizer holding the old ones must be rebuilt afterwards (method spec §6.5).
 A model with adapters has non-standard state-dict keys (``...query.base.weight``, ``...query.lora_A``); merge the
 adapters (:func:`merge_adapters`) before saving it as a plain Hugging Face model.
+
+Adapter factors (``lora_A``/``lora_B``, the ranks added by growth and the teacher's copies) are float32 whatever
+the base weight's dtype, as in PEFT: in a bf16 model they are fp32 master weights, so small optimizer updates are
+not rounded away. The forward pass casts the input to the factors' dtype for the low-rank branch and returns the
+base output's dtype; merging returns the base weight's dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from torch import Tensor, nn
 from .compact import slice_linear
 
 DEFAULT_SCALE = 2.0
+# The dtype of every adapter factor and teacher copy, whatever the base weight's (PEFT does the same).
+ADAPTER_DTYPE = torch.float32
 # Forward-hook registries moved from a replaced module to its replacement, so that hooks installed on the
 # linear layer (e.g. aptune's mask hooks on output projections) keep acting on the whole layer.
 _HOOK_DICTS = (
@@ -33,12 +40,13 @@ _HOOK_DICTS = (
 )
 
 
-def _kaiming_rows(rows: int, cols: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``rows x cols`` values drawn as ``nn.Linear`` initialises weights (Kaiming-uniform, a=sqrt(5))."""
-    device = generator.device if generator is not None else like.device
-    t = torch.empty(rows, cols, device=device, dtype=torch.float32)
+def _kaiming_rows(rows: int, cols: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """``rows x cols`` float32 values on ``device``, drawn as ``nn.Linear`` initialises weights
+    (Kaiming-uniform, a=sqrt(5))."""
+    draw_on = generator.device if generator is not None else device
+    t = torch.empty(rows, cols, device=draw_on, dtype=ADAPTER_DTYPE)
     nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
-    return t.to(device=like.device, dtype=like.dtype)
+    return t.to(device=device)
 
 
 def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
@@ -73,8 +81,8 @@ class APTLinear(nn.Module):
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = base.weight
-        self.lora_A = nn.Parameter(_kaiming_rows(rank, w.shape[1], w, generator))
-        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+        self.lora_A = nn.Parameter(_kaiming_rows(rank, w.shape[1], w.device, generator))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=ADAPTER_DTYPE))
         # Self-distillation: a frozen copy of the factors (method spec §7.2). The backbone is shared.
         self.register_buffer("teacher_A", None, persistent=False)
         self.register_buffer("teacher_B", None, persistent=False)
@@ -107,15 +115,25 @@ class APTLinear(nn.Module):
         return self.scale * self.rank
 
     def forward(self, x: Tensor) -> Tensor:
+        """``W0 x + b + s B A x`` in the base output's dtype.
+
+        The low-rank branch runs in the factors' dtype (float32): the input is cast to it, and the sum is cast
+        back to the base output's dtype. Under ``torch.autocast`` the matmuls run in the autocast dtype.
+        """
+        out = self.base(x)
         if self.use_teacher and self.teacher_A is not None:
-            return self.base(x) + self.scale * ((x @ self.teacher_A.T) @ self.teacher_B.T)
-        return self.base(x) + self.scale * ((self.dropout(x) @ self.lora_A.T) @ self.lora_B.T)
+            A, B = self.teacher_A, self.teacher_B
+        else:
+            A, B = self.lora_A, self.lora_B
+            x = self.dropout(x)
+        low_rank = (x.to(A.dtype) @ A.T) @ B.T
+        return (out + self.scale * low_rank).to(out.dtype)
 
     @torch.no_grad()
     def snapshot_teacher(self) -> None:
-        """Freeze a copy of the current factors as the teacher's (used while ``use_teacher`` is set)."""
-        self.teacher_A = self.lora_A.detach().clone()
-        self.teacher_B = self.lora_B.detach().clone()
+        """Freeze a float32 copy of the current factors as the teacher's (used while ``use_teacher`` is set)."""
+        self.teacher_A = self.lora_A.detach().to(ADAPTER_DTYPE, copy=True)
+        self.teacher_B = self.lora_B.detach().to(ADAPTER_DTYPE, copy=True)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, scale={self.scale:g}"
@@ -127,25 +145,28 @@ class APTLinear(nn.Module):
         """Raise the rank to ``new_rank`` without changing the layer's function (method spec §2.3).
 
         New rows of ``A`` are Kaiming-uniform, new columns of ``B`` are zero, old values are copied exactly and
-        the scale stays the same. Returns the new ``(lora_A, lora_B)``; they replace the old Parameter objects,
-        so the optimizer must be rebuilt. ``new_rank == rank`` changes nothing.
+        the scale stays the same. The grown factors are float32 (factors cast to a lower precision are upcast,
+        which is exact). Returns the new ``(lora_A, lora_B)``; they replace the old Parameter objects, so the
+        optimizer must be rebuilt. ``new_rank == rank`` changes nothing.
         """
         if new_rank < self.rank:
             raise ValueError(f"cannot grow an adapter from rank {self.rank} down to {new_rank}")
         if new_rank > self.rank:
             A, B = self.lora_A, self.lora_B
             extra = new_rank - self.rank
-            new_rows = _kaiming_rows(extra, A.shape[1], A, generator)
-            zeros = torch.zeros(B.shape[0], extra, device=B.device, dtype=B.dtype)
-            self.lora_A = nn.Parameter(torch.cat([A.detach(), new_rows], 0), requires_grad=A.requires_grad)
-            self.lora_B = nn.Parameter(torch.cat([B.detach(), zeros], 1), requires_grad=B.requires_grad)
+            new_rows = _kaiming_rows(extra, A.shape[1], A.device, generator)
+            zeros = torch.zeros(B.shape[0], extra, device=B.device, dtype=ADAPTER_DTYPE)
+            grown_A = torch.cat([A.detach().to(ADAPTER_DTYPE), new_rows], 0)
+            grown_B = torch.cat([B.detach().to(ADAPTER_DTYPE), zeros], 1)
+            self.lora_A = nn.Parameter(grown_A, requires_grad=A.requires_grad)
+            self.lora_B = nn.Parameter(grown_B, requires_grad=B.requires_grad)
         return self.lora_A, self.lora_B
 
     def aptune_slice(self, out_idx: Tensor | None = None, in_idx: Tensor | None = None) -> None:
         """Keep output channels ``out_idx`` and input channels ``in_idx`` (called by :func:`aptune.compact`).
 
-        Slices the base weight and bias, the rows of ``B`` and the columns of ``A``; ``requires_grad`` flags are
-        kept. Parameters are replaced, so the optimizer must be rebuilt.
+        Slices the base weight and bias, the rows of ``B`` and the columns of ``A``; ``requires_grad`` flags and
+        dtypes (float32 factors) are kept. Parameters are replaced, so the optimizer must be rebuilt.
         """
         slice_linear(self.base, out_idx, in_idx)
         if self.teacher_A is not None:

@@ -213,11 +213,14 @@ def print_summary(report: dict[str, Any], output_dir: str) -> None:
         ("steps", str(report["steps"])),
     ]
     if "inference" in report:
+        from .evaluate import format_speedup
+
         inf = report["inference"]
         rows.append(
             (
                 f"inference, batch {inf['final']['batch_size']} x {inf['final']['length']}",
-                f"{inf['final']['throughput']:.1f}/s vs dense {inf['dense']['throughput']:.1f}/s ({inf['speedup']:.2f}x)",
+                f"{inf['final']['throughput']:.1f}/s vs dense {inf['dense']['throughput']:.1f}/s: "
+                f"{format_speedup(inf['speedup'], inf['speedup_spread'], inf['runs'])}",
             )
         )
     rows.append(("saved", f"{output_dir}/model and {output_dir}/report.json"))

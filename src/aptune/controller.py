@@ -12,7 +12,7 @@ One training step, as the training loop calls it:
 ``state_dict()`` / ``load_state_dict()`` hold everything needed to continue: step, masks, moving averages and
 ranks. The model's own weights are saved by the training loop.
 
-With self-distillation (on by default for encoder families), the loop gets the loss from
+With self-distillation (``APTConfig.distill``; off by default), the loop gets the loss from
 ``controller.compute_loss(batch)`` and reports validation metrics with ``observe_validation(metric)``: the
 teacher is the student's snapshot at the start of distillation. At a pruning checkpoint it is refreshed
 when the reported validation metric beats the teacher's (the official code's rule), or at every checkpoint
@@ -23,6 +23,7 @@ pruned student) and when distillation ends. Removing them earlier degraded the t
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -36,12 +37,11 @@ from .compact import compact
 from .config import APTConfig
 from .distill import SelfDistiller
 from .masks import StructuralMasks, apply_masks, remove_masks
-from .salience import BlockScores, SalienceCollector, ema
+from .memory import release_memory
+from .salience import BlockScores, SalienceCollector, ema, outlier_scores, with_outliers
 from .schedule import adapter_budget, distill_weight, mask_decay_tensor, pruning_schedule
 from .selection import select_blocks
 from .tuner import adapter_params, grow_ranks, importance_of
-
-ENCODER_FAMILIES = ("bert", "t5")
 
 
 class APTController:
@@ -55,7 +55,7 @@ class APTController:
             p.requires_grad_(False)
         self.adapters = add_adapters(model, c.adapter_targets, rank=c.initial_rank)
         if c.train_head:
-            for module in describe(model).head_modules.values():
+            for module in describe(model).new_heads.values():
                 for p in module.parameters():
                     p.requires_grad_(True)
         self.schedule = pruning_schedule(
@@ -66,9 +66,14 @@ class APTController:
         self.step = 0
         self.scores: BlockScores | None = None
         self.rank_scores: list[Tensor | None] = [None] * len(self.adapters)
+        # moving averages of the mean inputs of the output projections (the outlier term's x_bar)
+        self.head_inputs: list[Tensor | None] = []
+        self.neuron_inputs: list[Tensor | None] = []
+        self._outliers: BlockScores | None = None  # the outlier term, computed once per decay window
+        self._outlier_window: int | None = None
         self.history: list[dict[str, Any]] = []
         self._hook_up(StructuralMasks.for_model(model))
-        distill = c.distill if c.distill is not None else describe(model).family in ENCODER_FAMILIES
+        distill = bool(c.distill)
         self.distiller = (
             SelfDistiller(
                 model,
@@ -87,7 +92,11 @@ class APTController:
 
     def _head_parameters(self) -> dict[str, nn.Parameter]:
         """The trained non-adapter parameters (the task head), whose snapshot the teacher uses."""
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" not in n}
+        return self._head_parameters_of(self.model)
+
+    @staticmethod
+    def _head_parameters_of(model: nn.Module) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
 
     # -- wiring ------------------------------------------------------------------------------------------
     def _hook_up(self, masks: StructuralMasks) -> None:
@@ -95,9 +104,13 @@ class APTController:
         apply_masks(self.model, masks)
         if getattr(self, "collector", None) is not None:
             self.collector.remove()
-        self.collector = SalienceCollector(
-            self.model, describe(self.model), use_kurtosis=self.config.use_kurtosis
-        )
+        structure = describe(self.model)
+        self.collector = SalienceCollector(self.model, structure, track_inputs=self.config.use_kurtosis)
+        if len(self.head_inputs) != len(structure.attention):
+            self.head_inputs = [None] * len(structure.attention)
+        if len(self.neuron_inputs) != len(structure.ffn):
+            self.neuron_inputs = [None] * len(structure.ffn)
+        self._outliers = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         extra = self.distiller.parameters() if self.distiller is not None else []
@@ -118,7 +131,8 @@ class APTController:
         teacher = self.distiller.teacher_outputs(batch)
         out = self.model(**batch, output_hidden_states=True)
         mu = self.distill_weight()
-        return mu * self.distiller.loss(out, teacher, self._alive_layers()) + (1 - mu) * out.loss
+        distill = self.distiller.loss(out, teacher, self._alive_layers(), batch.get("attention_mask"))
+        return mu * distill + (1 - mu) * out.loss
 
     def distill_weight(self) -> float:
         """mu at the current step: linear from 0 to 1 over the pruning window, then 1 (spec §7.5)."""
@@ -155,7 +169,14 @@ class APTController:
     def after_backward(self) -> None:
         if not self.collecting:
             return
-        self.scores = self.collector.scores().blend(self.scores, self.config.beta)
+        beta = self.config.beta
+        if self.config.use_kurtosis:
+            heads, neurons = self.collector.mean_inputs()
+            self.head_inputs = [_blend(o, n, beta) for o, n in zip(self.head_inputs, heads, strict=True)]
+            self.neuron_inputs = [
+                _blend(o, n, beta) for o, n in zip(self.neuron_inputs, neurons, strict=True)
+            ]
+        self.scores = self.collector.scores().blend(self.scores, beta)
         for i, adapter in enumerate(self.adapters):
             # kept on the adapter's device: no host sync per adapter per step
             self.rank_scores[i] = ema(self.rank_scores[i], adapter.rank_salience(), self.config.beta)
@@ -167,13 +188,16 @@ class APTController:
         Returns True when parameters were replaced, so the optimizer must be rebuilt.
         """
         self.step += 1
+        changed = False
+        # The checkpoint comes first: its masks were made binary on the last step of its window, and the next
+        # window may open on this very step (whenever a checkpoint interval equals the decay window).
+        if self.schedule.is_checkpoint(self.step):
+            changed = self._checkpoint()
         window = self.schedule.decay_window(self.step)
         if window.active and self.scores is not None:
-            self._decay_masks(window.target, last=window.is_last)
-        changed = self._checkpoint() if self.schedule.is_checkpoint(self.step) else False
-        if self.distiller is not None and self.step == self.config.distill_end and self._has_pruned_blocks():
-            self.prune_physically()  # distillation is over: the teacher no longer needs the removed blocks
-            changed = True
+            self._decay_masks(window.target, last=window.is_last, window=window.checkpoint)
+        if self.distiller is not None and self.step == self.config.distill_end:
+            changed = self._end_distillation() or changed
         return changed
 
     def _has_pruned_blocks(self) -> bool:
@@ -181,20 +205,36 @@ class APTController:
 
     @property
     def final_structure_step(self) -> int:
-        """The step from which the structure no longer changes (the end of pruning, or of distillation)."""
-        c = self.config
-        return max(c.pruning_end, c.distill_end) if self.distiller is not None else c.pruning_end
+        """The step from which the structure no longer changes: the last checkpoint (with distillation, the
+        student is compacted there and the teacher keeps the original modules)."""
+        return self.config.pruning_end
 
-    def _decay_masks(self, target: float, last: bool) -> None:
+    def selection_scores(self, window: int | None = None) -> BlockScores:
+        """The scores blocks are selected by, on the host: the salience moving average, plus the outlier
+        term when ``use_kurtosis`` is on (recomputed from the weights once per decay window)."""
+        scores = self.scores
+        if self.config.use_kurtosis:
+            if self._outliers is None or window is None or window != self._outlier_window:
+                structure = describe(self.model)
+                self._outliers = outlier_scores(structure, self.head_inputs, self.neuron_inputs)
+                self._outlier_window = window
+            masks = BlockScores(self.masks.heads, self.masks.neurons, self.masks.hidden)
+            scores = with_outliers(scores, self._outliers, self.config.kurtosis_weight, masks)
+        return scores.cpu()  # one transfer: the selection runs on the host
+
+    def _decay_masks(self, target: float, last: bool, window: int | None = None) -> None:
         shape = StructureShape.of(describe(self.model))
+        scores = self.selection_scores(window)
         sel = select_blocks(
             shape,
-            self.scores.heads,
-            self.scores.neurons,
-            self.scores.hidden,
+            scores.heads,
+            scores.neurons,
+            scores.hidden,
             target_params=int(target * self.base_params),
             ffn_multiple=self.config.ffn_multiple,
+            head_multiple=self.config.head_multiple,
             prune_hidden=self.config.prune_hidden,
+            hidden_multiple=self.config.hidden_multiple,
         )
         step = self.config.mask_step
         for i, keep in enumerate(sel.heads):
@@ -205,14 +245,15 @@ class APTController:
 
     def _checkpoint(self) -> bool:
         changed = False
-        if self.distiller is None or not self.distiller.has_teacher:
+        if self.distiller is None or not self.distiller.has_teacher or self.distiller.separate:
             if self._has_pruned_blocks():
                 self.prune_physically()
                 changed = True
         elif self._teacher_improved():
             # The teacher shares the backbone, so removing blocks would remove them from the teacher too: while
             # a teacher is in use, blocks stay masked and are removed only when the student becomes the new
-            # teacher (here) or when distillation ends.
+            # teacher (here), at the last checkpoint (the student then gets its own compacted copy), or when
+            # distillation ends.
             if self._has_pruned_blocks():
                 self.prune_physically()
                 changed = True
@@ -231,6 +272,16 @@ class APTController:
             scores = self.rank_scores[i]
             if scores is not None:
                 self.rank_scores[i] = torch.cat([scores, scores.new_zeros(rank - len(scores))])
+        if (
+            self.distiller is not None
+            and self.distiller.has_teacher
+            and not self.distiller.separate
+            and self.step == self.schedule.checkpoints[-1]
+            and self.step < self.config.distill_end
+            and self._has_pruned_blocks()
+        ):
+            self._separate_student()
+            changed = True
         self.history.append(
             {
                 "step": self.step,
@@ -241,6 +292,35 @@ class APTController:
         )
         return changed or bool(grown)
 
+    def _separate_student(self) -> None:
+        """After the last checkpoint: the teacher gets its own copy of the modules, the student is compacted.
+
+        The structure is final, so the teacher no longer has to share the student's masked, full-width modules.
+        It keeps a copy of them that shares every frozen tensor, and the student (the same model object as
+        before) is compacted, so it computes only its kept rows and columns (the paper's index-selected
+        compute, spec §5.4) instead of running full width to the end of distillation. Extra memory: the kept
+        slices of the frozen tensors the student prunes.
+        """
+        student = self.model
+        self.collector.remove()
+        remove_masks(student)
+        frozen = [t for t in [*student.parameters(), *student.buffers()] if not t.requires_grad]
+        teacher = copy.deepcopy(student, memo={id(t): t for t in frozen})
+        self.distiller.separate_teacher(teacher)
+        apply_masks(student, self.masks)
+        self.prune_physically()
+
+    def _end_distillation(self) -> bool:
+        """Distillation is over: drop the teacher and remove whatever it still kept masked."""
+        changed = False
+        if self.distiller.separate:
+            self.distiller.release_teacher()
+        elif self._has_pruned_blocks():
+            self.prune_physically()
+            changed = True
+        release_memory()
+        return changed
+
     def _teacher_improved(self) -> bool:
         if self.latest_validation is None or self.teacher_validation is None:
             return self.latest_validation is not None or self.teacher_validation is None
@@ -249,6 +329,7 @@ class APTController:
     def prune_physically(self) -> None:
         """Remove the blocks whose (binary) masks are 0 now, and slice every piece of state that follows them."""
         masks = self.masks
+        structure = describe(self.model)
         keep_h = [m == 1 for m in masks.heads]
         keep_f = [m == 1 for m in masks.neurons]
         keep_d = masks.hidden == 1
@@ -258,17 +339,23 @@ class APTController:
             if not bool(keep_d.all()):
                 self.distiller.on_hidden_pruned(torch.nonzero(keep_d).flatten(), len(keep_d))
         if self.scores is not None:
-            self.scores = BlockScores(
-                [s[k] for s, k in zip(self.scores.heads, keep_h, strict=True)],
-                [s[k] for s, k in zip(self.scores.neurons, keep_f, strict=True)],
-                self.scores.hidden[keep_d],
-            )
+            self.scores = self.scores.keep(keep_h, keep_f, keep_d)
+        # the outlier term's mean inputs follow the input channels of the output projections
+        self.head_inputs = [
+            None if x is None or not bool(k.any()) else x[_unit_channels(k, site.unit_width).to(x.device)]
+            for x, k, site in zip(self.head_inputs, keep_h, structure.attention, strict=True)
+        ]
+        self.neuron_inputs = [
+            None if x is None or not bool(k.any()) else x[k.to(x.device)]
+            for x, k in zip(self.neuron_inputs, keep_f, strict=True)
+        ]
         # adapters whose layer disappeared are no longer in the model
         alive = {id(m) for m in self.model.modules()}
         kept = [i for i, a in enumerate(self.adapters) if id(a) in alive]
         self.adapters = [self.adapters[i] for i in kept]
         self.rank_scores = [self.rank_scores[i] for i in kept]
         self._hook_up(StructuralMasks.for_model(self.model))
+        release_memory()
 
     # -- reporting and state -----------------------------------------------------------------------------
     def density(self) -> float:
@@ -301,6 +388,8 @@ class APTController:
             "masks": self.masks.state_dict(),
             "scores": None if self.scores is None else self.scores.state_dict(),
             "rank_scores": [None if s is None else s.clone() for s in self.rank_scores],
+            "head_inputs": [None if x is None else x.clone() for x in self.head_inputs],
+            "neuron_inputs": [None if x is None else x.clone() for x in self.neuron_inputs],
             "ranks": [a.rank for a in self.adapters],
             "history": list(self.history),
             "distiller": self._distiller_state(),
@@ -334,10 +423,16 @@ class APTController:
         self.step = state["step"]
         self.base_params = state["base_params"]
         self.initial_adapter_params = state["initial_adapter_params"]
-        self.scores = None if state["scores"] is None else BlockScores.from_state_dict(state["scores"])
+        device = next(self.model.parameters()).device
+        scores = state["scores"]
+        self.scores = None if scores is None else BlockScores.from_state_dict(scores).to(device)
         self.rank_scores = [None if s is None else s.clone() for s in state["rank_scores"]]
         self.history = list(state["history"])
         self._hook_up(StructuralMasks.from_state_dict(state["masks"]))
+        for name in ("head_inputs", "neuron_inputs"):
+            saved_inputs = state.get(name)
+            if saved_inputs is not None:
+                setattr(self, name, [None if x is None else x.clone() for x in saved_inputs])
         d, saved = self.distiller, state.get("distiller")
         if d is not None and saved is not None:
             transform = saved["transform"]
@@ -351,3 +446,18 @@ class APTController:
             d.teacher_head = None if saved["teacher_head"] is None else dict(saved["teacher_head"])
             self.latest_validation = saved["latest_validation"]
             self.teacher_validation = saved["teacher_validation"]
+
+
+def _blend(previous: Tensor | None, current: Tensor | None, beta: float) -> Tensor | None:
+    """The moving average of an optional per-site vector (a site with no input this step keeps its value)."""
+    if current is None:
+        return previous
+    if previous is None or previous.shape != current.shape:
+        return current.clone()
+    return ema(previous, current, beta)
+
+
+def _unit_channels(keep: Tensor, width: int) -> Tensor:
+    """Input channels of an attention output projection that belong to the kept head units."""
+    units = torch.nonzero(keep).flatten()
+    return (units[:, None] * width + torch.arange(width)).flatten()

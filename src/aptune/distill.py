@@ -10,6 +10,17 @@ Physical pruning removes blocks from teacher and student alike (they share the w
 sliced with them. Losses (spec §7.1): ``L = mu * (w_pred * L_pred + w_layer * L_layer) + (1 - mu) * L_task`` with
 ``L_pred = T^2 KL(teacher || student)`` on the logits and ``L_layer`` the MSE between the transformed student
 hidden states and the teacher's, over one teacher layer sampled from each quarter of the stack every step.
+
+What ``L_pred`` compares depends on the head (:func:`output_prediction_loss`):
+
+* sequence classification (logits ``batch x labels``): the KL averaged over the batch;
+* token-level logits (``batch x tokens x labels``, e.g. token classification): the KL per token, averaged over the
+  non-padding tokens of the attention mask. Tokens whose label is -100 (special tokens, continuation
+  sub-words) are real tokens and still count: the teacher's distribution there is well defined;
+* question answering (``start_logits``/``end_logits``, each ``batch x tokens``): the mean of the KL over start
+  positions and the KL over end positions, each averaged over the batch (spec §7.1, as the official code does).
+
+With an attention mask, ``L_layer`` also ignores padding: each MSE is a mean over non-padding tokens and channels.
 """
 
 from __future__ import annotations
@@ -27,12 +38,81 @@ from .masks import attached_hooks
 # -- pure loss functions ---------------------------------------------------------------------------------
 
 
-def prediction_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch."""
+# Keys of a batch that are targets, not model inputs: the teacher's forward pass does not need them.
+TARGET_KEYS = ("labels", "start_positions", "end_positions")
+
+
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """The mean of ``values`` over the positions where ``mask`` (same shape, 0/1 or bool) is set (0 when none
+    is); over all positions without a mask."""
+    if mask is None:
+        return values.mean()
+    if mask.shape != values.shape:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not fit values of shape {tuple(values.shape)}"
+        )
+    weights = mask.to(device=values.device, dtype=values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1)  # no host sync; an empty mask gives 0
+
+
+def prediction_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None
+) -> Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over the last dimension.
+
+    The KL of each position (each row of ``batch x labels`` logits, each token of ``batch x tokens x labels``
+    logits) is averaged over all positions, or over those where ``mask`` (the logits' shape without the last
+    dimension, e.g. the attention mask) is set. For ``batch x labels`` logits without a mask this is the
+    batch mean.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
+        )
     t = temperature
     log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return (t * t) * F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    if mask is None and student_logits.dim() == 2:
+        return (t * t) * F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+    return (t * t) * _masked_mean(kl, mask)
+
+
+def output_prediction_loss(
+    student_out, teacher_out, temperature: float, attention_mask: Tensor | None = None
+) -> Tensor:
+    """``L_pred`` for a model output of any supported head (see the module docstring).
+
+    Question answering (``start_logits``/``end_logits``): the mean of the start and end KL, each over the
+    token positions and averaged over the batch. Logits with a token dimension (``batch x tokens x labels``):
+    the KL averaged over the tokens that ``attention_mask`` marks as real. Other logits: averaged over the batch.
+    """
+    if getattr(student_out, "start_logits", None) is not None:
+        start = prediction_loss(student_out.start_logits, teacher_out.start_logits, temperature)
+        end = prediction_loss(student_out.end_logits, teacher_out.end_logits, temperature)
+        return (start + end) / 2
+    logits = getattr(student_out, "logits", None)
+    if logits is None:
+        raise ValueError(
+            f"cannot distil a {type(student_out).__name__}: it has neither logits nor start/end logits"
+        )
+    mask = attention_mask if logits.dim() == 3 else None
+    if mask is not None and mask.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"attention mask of shape {tuple(mask.shape)} does not fit token logits of shape {tuple(logits.shape)}"
+        )
+    return prediction_loss(logits, teacher_out.logits, temperature, mask)
+
+
+def hidden_mse(student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """The MSE between hidden states (``batch x tokens x channels``), in float32.
+
+    With ``attention_mask`` (``batch x tokens``) the mean runs over the non-padding tokens and all channels.
+    """
+    squared = (student.float() - teacher.float()).pow(2)
+    if attention_mask is None:
+        return squared.mean()
+    return _masked_mean(squared.mean(-1), attention_mask)
 
 
 def sample_teacher_layers(num_layers: int, generator: torch.Generator | None = None) -> list[int]:
@@ -47,11 +127,13 @@ def map_layers(
     student_hidden: Sequence[Tensor],
     teacher_hidden: Sequence[Tensor],
     transform: nn.Module,
+    attention_mask: Tensor | None = None,
 ) -> list[tuple[int, int]]:
     """Pair each teacher layer with a student layer (spec §7.3).
 
-    The same layer when it is alive (it keeps at least one head and one neuron); otherwise the nearer (by MSE)
-    of the closest alive layers below and above; no pair when no layer is alive.
+    The same layer when it is alive (it keeps at least one head and one neuron); otherwise the nearer (by MSE,
+    over non-padding tokens when ``attention_mask`` is given) of the closest alive layers below and above; no
+    pair when no layer is alive.
     """
     pairs = []
     alive_idx = [i for i, a in enumerate(alive) if a]
@@ -66,7 +148,7 @@ def map_layers(
         candidates = ([below[-1]] if below else []) + ([above[0]] if above else [])
         with torch.no_grad():
             errors = [
-                float(F.mse_loss(transform(student_hidden[s]).float(), teacher_hidden[t].float()))
+                float(hidden_mse(transform(student_hidden[s]), teacher_hidden[t], attention_mask))
                 for s in candidates
             ]
         pairs.append((t, candidates[errors.index(min(errors))]))
@@ -78,11 +160,16 @@ def layer_loss(
     student_hidden: Sequence[Tensor],
     teacher_hidden: Sequence[Tensor],
     transform: nn.Module,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
-    """Sum over pairs of ``MSE(transform(student[s]), teacher[t])`` (mean reduction inside each pair)."""
+    """Sum over pairs of ``MSE(transform(student[s]), teacher[t])``.
+
+    Each MSE is a mean over tokens and channels; over the non-padding tokens only when ``attention_mask``
+    (``batch x tokens``) is given.
+    """
     total = student_hidden[0].new_zeros((), dtype=torch.float32)
     for t, s in pairs:
-        total = total + F.mse_loss(transform(student_hidden[s]).float(), teacher_hidden[t].float())
+        total = total + hidden_mse(transform(student_hidden[s]), teacher_hidden[t], attention_mask)
     return total
 
 
@@ -90,7 +177,11 @@ def layer_loss(
 
 
 def identity_transform(size: int, rank: int, device=None, dtype=None) -> APTLinear:
-    """``Tr``: a frozen identity map plus a trainable low-rank part (identity at initialisation)."""
+    """``Tr``: a frozen identity map plus a trainable low-rank part (identity at initialisation).
+
+    The identity is in ``dtype`` (exact in any float format); the adapter factors are float32 like every
+    adapter's, and the output has ``dtype``.
+    """
     base = nn.Linear(size, size, bias=False, device=device, dtype=dtype)
     with torch.no_grad():
         base.weight.copy_(torch.eye(size, device=device, dtype=dtype))
@@ -119,11 +210,47 @@ class SelfDistiller:
         self.transform = identity_transform(hidden_size, transform_rank, device=p.device, dtype=p.dtype)
         self.head_parameters = head_parameters
         self.teacher_head: dict[str, Tensor] | None = None
+        self.teacher_model: nn.Module | None = None  # set once the student has its own compacted copy
         self.generator = torch.Generator().manual_seed(seed)
 
     @property
     def has_teacher(self) -> bool:
         return self.teacher_head is not None
+
+    @property
+    def separate(self) -> bool:
+        """True once teacher and student no longer share modules (see :meth:`separate_teacher`)."""
+        return self.teacher_model is not None
+
+    @torch.no_grad()
+    def separate_teacher(self, teacher: nn.Module) -> None:
+        """Make ``teacher``, a copy of the model that shares its frozen tensors, the teacher for good.
+
+        The copy's adapters and head take the snapshot values and everything in it is frozen, so its forward
+        pass needs no switching; the student (``self.model``, the same object as before) drops its snapshot
+        factors and goes on alone. The caller removes masks and hooks before copying.
+        """
+        params = dict(teacher.named_parameters())
+        if self.teacher_head is not None:
+            for name in self.head_parameters:
+                params[name].data = self.teacher_head[name]
+        for adapter in (m for m in teacher.modules() if isinstance(m, APTLinear)):
+            if adapter.teacher_A is not None:
+                adapter.lora_A = nn.Parameter(adapter.teacher_A, requires_grad=False)
+                adapter.lora_B = nn.Parameter(adapter.teacher_B, requires_grad=False)
+                adapter.teacher_A = adapter.teacher_B = None
+            adapter.use_teacher = False
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()  # a deterministic teacher: no dropout
+        for adapter in self.adapters():
+            adapter.teacher_A = adapter.teacher_B = None
+        self.teacher_model = teacher
+
+    def release_teacher(self) -> None:
+        """Drop the separate teacher and its snapshot (distillation is over)."""
+        self.teacher_model = None
+        self.teacher_head = None
 
     def adapters(self) -> list[APTLinear]:
         return [m for m in self.model.modules() if isinstance(m, APTLinear)]
@@ -162,24 +289,42 @@ class SelfDistiller:
             self.model.train(was_training)
 
     def teacher_outputs(self, batch: dict[str, Tensor]):
+        inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                return self.teacher_model(**inputs, output_hidden_states=True)
         with self.teacher_mode():
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
             return self.model(**inputs, output_hidden_states=True)
 
-    def loss(self, student_out, teacher_out, alive: Sequence[bool]) -> Tensor:
-        """``w_pred * L_pred + w_layer * L_layer`` for one batch."""
-        pred = prediction_loss(student_out.logits, teacher_out.logits, self.temperature)
+    def loss(
+        self, student_out, teacher_out, alive: Sequence[bool], attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """``w_pred * L_pred + w_layer * L_layer`` for one batch.
+
+        ``student_out``/``teacher_out`` are model outputs with hidden states and either ``logits`` or
+        ``start_logits``/``end_logits``; ``alive[i]`` says whether layer ``i`` keeps a head and a neuron.
+        ``attention_mask`` (the batch's, ``batch x tokens``) excludes padding tokens from the token-level KL
+        and from the layer MSE; without it every position counts.
+        """
+        pred = output_prediction_loss(student_out, teacher_out, self.temperature, attention_mask)
         student_hidden = student_out.hidden_states[1:]  # layer outputs; the embedding output is not compared
         teacher_hidden = teacher_out.hidden_states[1:]
         layers = sample_teacher_layers(len(teacher_hidden), self.generator)
-        pairs = map_layers(layers, alive, student_hidden, teacher_hidden, self.transform)
+        pairs = map_layers(layers, alive, student_hidden, teacher_hidden, self.transform, attention_mask)
         return self.pred_weight * pred + self.layer_weight * layer_loss(
-            pairs, student_hidden, teacher_hidden, self.transform
+            pairs, student_hidden, teacher_hidden, self.transform, attention_mask
         )
 
     @torch.no_grad()
     def on_hidden_pruned(self, kept: Tensor, old_size: int) -> None:
-        """Slice the transform and the teacher's head snapshot to the kept hidden channels."""
+        """Slice the transform and the teacher's head snapshot to the kept hidden channels.
+
+        Once the teacher is separate it keeps its channels: only the transform's input (the student's side,
+        spec §5.5) is sliced.
+        """
+        if self.separate:
+            self.transform.aptune_slice(in_idx=kept)
+            return
         self.transform.aptune_slice(out_idx=kept, in_idx=kept)
         if self.teacher_head is None:
             return

@@ -148,8 +148,43 @@ def _norm_over_kept(norm: nn.Module, x: Tensor, kept: Tensor) -> Tensor:
     return y
 
 
+class _Cached:
+    """What the hooks need of one mask, computed once per new mask tensor: flags and device copies."""
+
+    def __init__(self, mask: Tensor, width: int = 1):
+        self.mask = mask  # the host tensor these values were derived from (set_* replaces, never mutates)
+        self.full = bool((mask == 1).all())
+        self.zero = bool((mask == 0).all())
+        self.width = width
+        self._copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._kept: dict[torch.device, Tensor] = {}
+
+    def values(self, like: Tensor) -> Tensor:
+        """The mask (each entry repeated ``width`` times) on ``like``'s device and in its dtype."""
+        key = (like.device, like.dtype)
+        t = self._copies.get(key)
+        if t is None:
+            m = self.mask.repeat_interleave(self.width) if self.width > 1 else self.mask
+            t = self._copies[key] = m.to(device=like.device, dtype=like.dtype)
+        return t
+
+    def kept(self, device: torch.device) -> Tensor:
+        """Indices of the non-zero entries, on ``device``."""
+        t = self._kept.get(device)
+        if t is None:
+            t = self._kept[device] = torch.nonzero(self.mask != 0).flatten().to(device)
+        return t
+
+
 class MaskHooks:
-    """The hooks that make a model obey a :class:`StructuralMasks`. Remove them with :meth:`remove`."""
+    """The hooks that make a model obey a :class:`StructuralMasks`. Remove them with :meth:`remove`.
+
+    The hooks read the mask lists at call time, so ``set_*`` calls take effect without re-hooking. What they
+    derive from a mask (its device copy, whether it is all ones or all zeros, the kept channels) is computed
+    once per new mask tensor, so a forward pass with unchanged masks copies nothing to the device and never
+    waits for it. Hidden-channel norms are computed once, over the kept channels, in place of the norm's own
+    forward (see :meth:`_install_norm`).
+    """
 
     def __init__(self, model: nn.Module, masks: StructuralMasks):
         structure = describe(model)
@@ -159,20 +194,20 @@ class MaskHooks:
         self.structure = structure
         self.enabled = True  # False runs the model unmasked (the self-distillation teacher does)
         self._handles: list = []
+        self._cache: dict[tuple[str, int], _Cached] = {}
+        self._patched_norms: list[nn.Module] = []
         for i, site in enumerate(structure.attention):
             if site.num_heads:
                 self._handles.append(site.o.register_forward_pre_hook(self._head_hook(i, site.unit_width)))
                 self._handles.append(
-                    site.block.register_forward_hook(
-                        self._skip_hook(self.masks.heads, i, site.skip), with_kwargs=True
-                    )
+                    site.block.register_forward_hook(self._skip_hook("heads", i, site.skip), with_kwargs=True)
                 )
         for i, site in enumerate(structure.ffn):
             if site.num_neurons:
                 self._handles.append(site.down.register_forward_pre_hook(self._neuron_hook(i)))
                 self._handles.append(
                     site.block.register_forward_hook(
-                        self._skip_hook(self.masks.neurons, i, site.skip), with_kwargs=True
+                        self._skip_hook("neurons", i, site.skip), with_kwargs=True
                     )
                 )
         hidden = structure.hidden
@@ -181,64 +216,86 @@ class MaskHooks:
         for module in [*hidden.producers, *hidden.mask_outputs]:
             self._handles.append(module.register_forward_hook(self._hidden_output_hook))
         for module in hidden.norms:
-            self._handles.append(module.register_forward_hook(self._hidden_norm_hook))
+            self._install_norm(module)
         model._aptune_mask_hooks = self
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for norm in self._patched_norms:
+            norm.__dict__.pop("forward", None)
+        self._patched_norms.clear()
+        self._cache.clear()
         if getattr(self.model, "_aptune_mask_hooks", None) is self:
             del self.model._aptune_mask_hooks
 
-    # Hooks read the *current* mask lists at call time, so set_* calls take effect without re-hooking.
+    def _state(self, kind: str, i: int = 0, width: int = 1) -> _Cached:
+        mask = self.masks.hidden if kind == "hidden" else getattr(self.masks, kind)[i]
+        entry = self._cache.get((kind, i))
+        if entry is None or entry.mask is not mask:
+            entry = self._cache[(kind, i)] = _Cached(mask, width)
+        return entry
+
     def _head_hook(self, i: int, width: int):
         def hook(module, args):
-            mask = self.masks.heads[i]
-            if not self.enabled or bool((mask == 1).all()):
+            state = self._state("heads", i, width)
+            if not self.enabled or state.full:
                 return None
             x = args[0]
-            m = mask.to(x).repeat_interleave(width)
-            return (x * m, *args[1:])
+            return (x * state.values(x), *args[1:])
 
         return hook
 
     def _neuron_hook(self, i: int):
         def hook(module, args):
-            mask = self.masks.neurons[i]
-            if not self.enabled or bool((mask == 1).all()):
+            state = self._state("neurons", i)
+            if not self.enabled or state.full:
                 return None
-            return (args[0] * mask.to(args[0]), *args[1:])
+            return (args[0] * state.values(args[0]), *args[1:])
 
         return hook
 
-    def _skip_hook(self, mask_list: list[Tensor], i: int, skip):
+    def _skip_hook(self, kind: str, i: int, skip):
         def hook(module, args, kwargs, output):
-            if self.enabled and bool((mask_list[i] == 0).all()):
+            if self.enabled and self._state(kind, i).zero:
                 return skip(module, args, kwargs, output)
             return None
 
         return hook
 
-    def _hidden_full(self) -> bool:
-        return not self.enabled or bool((self.masks.hidden == 1).all())
+    def _hidden(self) -> _Cached | None:
+        """The hidden mask's cached state, or None when it changes nothing (disabled or all ones)."""
+        if not self.enabled:
+            return None
+        state = self._state("hidden")
+        return None if state.full else state
 
     def _hidden_input_hook(self, module, args):
-        if self._hidden_full():
+        state = self._hidden()
+        if state is None:
             return None
-        return (args[0] * self.masks.hidden.to(args[0]), *args[1:])
+        return (args[0] * state.values(args[0]), *args[1:])
 
     def _hidden_output_hook(self, module, args, output):
-        if self._hidden_full():
+        state = self._hidden()
+        if state is None:
             return None
-        return output * self.masks.hidden.to(output)
+        return output * state.values(output)
 
-    def _hidden_norm_hook(self, module, args, output):
-        if self._hidden_full():
-            return None
-        mask = self.masks.hidden.to(output)
-        kept = torch.nonzero(mask != 0).flatten()
-        return _norm_over_kept(module, args[0], kept) * mask
+    def _install_norm(self, norm: nn.Module) -> None:
+        """Replace the norm's forward (on this instance only) by one that, under a partial hidden mask,
+        normalises over the kept channels instead of computing the full norm and then correcting it."""
+        original = norm.forward
+
+        def forward(x, *args, **kwargs):
+            state = self._hidden()
+            if state is None:
+                return original(x, *args, **kwargs)
+            return _norm_over_kept(norm, x, state.kept(x.device)) * state.values(x)
+
+        norm.forward = forward
+        self._patched_norms.append(norm)
 
 
 def apply_masks(model: nn.Module, masks: StructuralMasks | None = None) -> MaskHooks:

@@ -1,12 +1,15 @@
 """Outlier-aware block salience (method spec §4).
 
-For a block whose activation channels ``c`` see activations ``h`` and upstream gradients ``g``:
+For a block whose activation channels ``c`` see activations ``h`` and upstream gradients ``g`` over the ``n``
+real (non-padding) tokens of a step:
 
-    S~(c) = [sum over batch and tokens of |h_c|] * [sum over batch and tokens of |g_c|]    (compressed product)
+    S~(c) = [sum over tokens of |h_c|] * [sum over tokens of |g_c|] / n      (compressed product, per token)
     S~(b) = sum of S~(c) over the block's channels
-    S^(b) = S~(b) + sqrt(max(kurtosis(O_b), 0))     with O = W * mean(x) column-wise (the outlier term)
 
-and the controller keeps ``S_bar = 0.85 S_bar + 0.15 S^`` once per step.
+and the controller keeps the moving average ``S_bar = 0.85 S_bar + 0.15 S~`` once per optimizer step. The
+outlier term of spec eq. 5, ``sqrt(max(kurtosis(O_b), 0))`` with ``O = W * mean(x)`` column-wise, is computed
+from the weights only when blocks are selected (:func:`outlier_scores`) and added at a scale commensurate with
+the salience (:func:`with_outliers`).
 
 Where the activations are read (the same tensors for every family, found through the spec):
 
@@ -15,15 +18,26 @@ Where the activations are read (the same tensors for every family, found through
 * neurons: the input of the FFN down projection (after the nonlinearity), before the neuron mask;
 * hidden channels: the inputs of every attention and FFN sublayer that carry gradients (2L sites).
 
-Memory: two vectors per hooked site between forward and backward, never a per-weight gradient of the frozen
-model. The kurtosis term needs one transient ``d_out x d_in`` product per output projection, under no-grad.
+Decisions (see docs/apt.md, "Salience"):
 
-Decision (paper vs code): the paper adds the kurtosis term for every model; the official code only does it
-for LLaMA. We follow the paper and make it a switch (``kurtosis=True``).
+* Padding tokens are left out of every sum (the model's ``attention_mask``, read by a hook on the model's own
+  forward). Padding the same batch to another length leaves the scores unchanged.
+* The paper's product grows with the number of tokens in a batch; dividing by ``n`` makes a step's scores
+  independent of batch size and padding, so every step weighs the same in the moving average. Within a step
+  the ranking is the paper's.
+* The kurtosis term is O(1-10) while ``S~`` scales with the loss, the model and the data, so adding it
+  unscaled (the paper's literal formula) lets it decide everything or nothing. It is rescaled per block type
+  so that its mean equals ``kurtosis_weight`` times the mean salience of that type, and it fades with the
+  block's mask. Whether it is used at all is ``APTConfig.use_kurtosis``.
+
+Cost: per hooked site, a few length-``d`` vectors that stay on the model's device (no host sync per step);
+sums are accumulated in fp32 from activations in their own dtype. The outlier term needs one transient
+``d_out x d_in`` product per output projection, once per selection.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +69,9 @@ def ema(previous: Tensor | None, current: Tensor, beta: float = 0.85) -> Tensor:
     """Exponential moving average ``beta * previous + (1 - beta) * current`` (``current`` when no history)."""
     if previous is None:
         return current.clone()
-    return beta * previous + (1.0 - beta) * current
+    return torch.lerp(
+        previous, current.to(previous.dtype), 1.0 - beta
+    )  # one kernel: beta*prev + (1-beta)*cur
 
 
 @dataclass
@@ -81,6 +97,26 @@ class BlockScores:
             ema(other.hidden, self.hidden, beta),
         )
 
+    def keep(self, heads: Sequence[Tensor], neurons: Sequence[Tensor], hidden: Tensor) -> BlockScores:
+        """The scores of the kept blocks only (boolean keep flags per site), in their order."""
+        return BlockScores(
+            [s[k.to(s.device)] for s, k in zip(self.heads, heads, strict=True)],
+            [s[k.to(s.device)] for s, k in zip(self.neurons, neurons, strict=True)],
+            self.hidden[hidden.to(self.hidden.device)],
+        )
+
+    def to(self, device: torch.device | str) -> BlockScores:
+        return BlockScores(
+            [h.to(device) for h in self.heads], [n.to(device) for n in self.neurons], self.hidden.to(device)
+        )
+
+    def cpu(self) -> BlockScores:
+        """A host copy in one transfer (one synchronisation, however many sites)."""
+        flat = torch.cat([t.reshape(-1) for t in self.tensors()]).to("cpu", torch.float64)
+        parts = list(flat.split([t.numel() for t in self.tensors()]))
+        n_heads = len(self.heads)
+        return BlockScores(parts[:n_heads], parts[n_heads:-1], parts[-1])
+
     def state_dict(self) -> dict[str, Tensor]:
         return site_state(self.heads, self.neurons, self.hidden)
 
@@ -90,21 +126,16 @@ class BlockScores:
 
 
 class _Site:
-    """Running sums for one hooked tensor: sum |h|, sum |g| (per channel) and sum h (for the mean input)."""
+    """Running sums for one hooked tensor: sum |h|, sum |g| and sum h (for the mean input), per channel."""
 
     def __init__(self) -> None:
         self.act: Tensor | None = None
         self.grad: Tensor | None = None
-        self.mean_input: Tensor | None = None
-        self.count = 0
+        self.total: Tensor | None = None
 
     def add(self, name: str, value: Tensor) -> None:
         old = getattr(self, name)
         setattr(self, name, value if old is None else old + value)
-
-
-def _flat_sum(x: Tensor) -> Tensor:
-    return x.detach().float().reshape(-1, x.shape[-1]).sum(0)
 
 
 def _weight_of(linear: nn.Module) -> Tensor:
@@ -118,27 +149,34 @@ class SalienceCollector:
 
     Use: ``collector.start()`` before the forward pass of the steps you want to score, run forward and
     backward (any number of micro-batches), then ``collector.scores()`` returns this step's
-    :class:`BlockScores` and resets the sums. ``remove()`` takes the hooks away; create a new collector after
-    the model's modules change (physical pruning, rank growth replaces parameters but not modules).
+    :class:`BlockScores` (on the model's device) and resets the sums; ``collector.mean_inputs()`` (before
+    ``scores()``) gives the mean inputs of the output projections that the outlier term needs.
+    ``remove()`` takes the hooks away; create a new collector after the model's modules change.
+
+    Padding: when the model is called with an ``attention_mask`` of the same batch and length as a hooked
+    tensor, padding tokens are left out of the sums.
     """
 
-    def __init__(self, model: nn.Module, structure: ModelStructure, use_kurtosis: bool = True):
+    def __init__(self, model: nn.Module, structure: ModelStructure, track_inputs: bool = True):
         self.structure = structure
-        self.use_kurtosis = use_kurtosis
+        self.track_inputs = track_inputs
         self.active = False
         self._heads = [_Site() for _ in structure.attention]
         self._neurons = [_Site() for _ in structure.ffn]
         self._hidden: list[_Site] = []
-        self._handles = []
+        self._tokens: Tensor | None = None  # number of real tokens seen this step (a device scalar)
+        self._mask: Tensor | None = None  # the current forward's token mask, (batch, length)
+        self._weights_cache: dict = {}  # that mask as per-token weights, per device and dtype
+        self._handles = [model.register_forward_pre_hook(self._read_mask, with_kwargs=True)]
         for site, acc in zip(structure.attention, self._heads, strict=True):
             if site.num_heads:
                 self._handles.append(
-                    site.o.register_forward_pre_hook(self._hook(acc, keep_mean=True), prepend=True)
+                    site.o.register_forward_pre_hook(self._hook(acc, self.track_inputs), prepend=True)
                 )
         for site, acc in zip(structure.ffn, self._neurons, strict=True):
             if site.num_neurons:
                 self._handles.append(
-                    site.down.register_forward_pre_hook(self._hook(acc, keep_mean=True), prepend=True)
+                    site.down.register_forward_pre_hook(self._hook(acc, self.track_inputs), prepend=True)
                 )
         readers = [s.q for s in structure.attention if s.num_heads] + [
             s.up for s in structure.ffn if s.num_neurons
@@ -146,20 +184,58 @@ class SalienceCollector:
         for module in readers:
             acc = _Site()
             self._hidden.append(acc)
-            self._handles.append(
-                module.register_forward_pre_hook(self._hook(acc, keep_mean=False), prepend=True)
-            )
+            self._handles.append(module.register_forward_pre_hook(self._hook(acc, False), prepend=True))
 
-    def _hook(self, acc: _Site, keep_mean: bool):
+    def _read_mask(self, module, args, kwargs):
+        if not self.active or not torch.is_grad_enabled():  # a teacher's no-grad pass is not scored
+            return None
+        self._weights_cache = {}
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            self._mask = mask.detach() != 0
+            count = self._mask.sum()
+            if self._mask.device.type == "cpu" and bool(self._mask.all()):
+                self._mask = None  # no padding: nothing to leave out (checked only where it costs no sync)
+        else:
+            self._mask = None
+            shape = ids.shape if isinstance(ids, Tensor) else None
+            count = torch.tensor(float(shape.numel())) if shape is not None else None
+        if count is not None:
+            count = count.to(torch.float32)
+            self._tokens = count if self._tokens is None else self._tokens + count.to(self._tokens.device)
+        return None
+
+    def _weights(self, x: Tensor) -> Tensor | None:
+        """Per-token 0/1 weights shaped to broadcast over ``x``, or None (every token counts)."""
+        m = self._mask
+        if m is None or x.dim() != 3 or tuple(m.shape) != tuple(x.shape[:2]):
+            return None
+        key = (x.device, x.dtype)
+        w = self._weights_cache.get(key)
+        if w is None:
+            w = self._weights_cache[key] = m.to(device=x.device, dtype=x.dtype)[..., None]
+        return w
+
+    def _hook(self, acc: _Site, keep_total: bool):
         def hook(module, args):
             x = args[0]
             if not self.active or not x.requires_grad:
                 return None
-            acc.add("act", _flat_sum(x.abs()))
-            if keep_mean:
-                acc.add("mean_input", _flat_sum(x))
-                acc.count += x.numel() // x.shape[-1]
-            x.register_hook(lambda g: acc.add("grad", _flat_sum(g.abs())))
+            w = self._weights(x)
+            dims = tuple(range(x.dim() - 1))
+            h = x.detach()
+            a = h.abs() if w is None else h.abs() * w
+            acc.add("act", a.sum(dims, dtype=torch.float32))
+            if keep_total:
+                acc.add("total", (h if w is None else h * w).sum(dims, dtype=torch.float32))
+
+            def on_grad(g: Tensor) -> None:
+                # no mask needed: padding positions get no gradient (no real token attends to them, and
+                # their outputs feed no loss)
+                acc.add("grad", g.abs().sum(dims, dtype=torch.float32))
+
+            x.register_hook(on_grad)
             return None
 
         return hook
@@ -178,41 +254,129 @@ class SalienceCollector:
     def reset(self) -> None:
         for acc in [*self._heads, *self._neurons, *self._hidden]:
             acc.__init__()
+        self._tokens = None
+        self._mask = None
+
+    @torch.no_grad()
+    def mean_inputs(self) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """This step's mean input (over real tokens) of every attention output and FFN down projection."""
+
+        def mean(acc: _Site) -> Tensor | None:
+            if acc.total is None:
+                return None
+            return acc.total / self._token_count(acc.total.device)
+
+        return [mean(a) for a in self._heads], [mean(a) for a in self._neurons]
+
+    def _token_count(self, device: torch.device) -> Tensor:
+        if self._tokens is None:
+            return torch.ones((), device=device)
+        return self._tokens.to(device).clamp_min(1.0)
 
     @torch.no_grad()
     def scores(self) -> BlockScores:
-        """This step's scores S^ (compressed product plus the outlier term); resets the running sums."""
+        """This step's scores S~ (compressed product per real token), on the model's device; resets the sums."""
+        device = self._device()
+        n = self._token_count(device)
+        hidden = torch.zeros(self.structure.hidden.size, device=device)
         heads, neurons = [], []
-        d = self.structure.hidden.size
-        hidden = torch.zeros(d)
         for site, acc in zip(self.structure.attention, self._heads, strict=True):
-            units, width = site.num_units, site.unit_width  # a unit: a key/value head and its query heads
-            score = torch.zeros(units)
-            if units and acc.act is not None and acc.grad is not None:
-                per_channel = (acc.act * acc.grad).cpu()
-                score = per_channel.view(units, width).sum(1)
-                if self.use_kurtosis:
-                    o = self._outlier_matrix(site.o, acc)  # (D, units * width)
-                    per_head = o.view(o.shape[0], units, width).transpose(0, 1).reshape(units, -1)
-                    score = score + outlier_term(per_head, dim=1).cpu()
-                    hidden += outlier_term(o, dim=1).cpu()
+            score = torch.zeros(site.num_units, device=device)
+            if site.num_units and acc.act is not None and acc.grad is not None:
+                score = (acc.act * acc.grad).view(site.num_units, site.unit_width).sum(1) / n
             heads.append(score)
         for site, acc in zip(self.structure.ffn, self._neurons, strict=True):
-            score = torch.zeros(site.num_neurons)
+            score = torch.zeros(site.num_neurons, device=device)
             if site.num_neurons and acc.act is not None and acc.grad is not None:
-                score = (acc.act * acc.grad).cpu()
-                if self.use_kurtosis:
-                    o = self._outlier_matrix(site.down, acc)  # (D, neurons)
-                    score = score + outlier_term(o, dim=0).cpu()
-                    hidden += outlier_term(o, dim=1).cpu()
+                score = acc.act * acc.grad / n
             neurons.append(score)
         for acc in self._hidden:
             if acc.act is not None and acc.grad is not None:
-                hidden += (acc.act * acc.grad).cpu()
+                hidden += acc.act * acc.grad / n
         self.reset()
         return BlockScores(heads, neurons, hidden)
 
-    @staticmethod
-    def _outlier_matrix(linear: nn.Module, acc: _Site) -> Tensor:
-        mean_input = acc.mean_input / max(acc.count, 1)
-        return _weight_of(linear).detach().float() * mean_input[None, :]
+    def _device(self) -> torch.device:
+        for site in [*self.structure.attention, *self.structure.ffn]:
+            proj = getattr(site, "o", None) or getattr(site, "down", None)
+            if proj is not None:
+                return proj.weight.device
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def outlier_scores(
+    structure: ModelStructure,
+    head_inputs: Sequence[Tensor | None],
+    neuron_inputs: Sequence[Tensor | None],
+) -> BlockScores:
+    """The outlier term ``sqrt(max(kurtosis(O_b), 0))`` of every block (spec §4.1, eq. 5; §4.4 grouping).
+
+    ``O = W * x_bar`` column-wise, with ``W`` the effective (adapter-merged) weight of each attention output
+    or FFN down projection and ``x_bar`` its mean input (``head_inputs[i]``/``neuron_inputs[i]``; None
+    gives 0 for that site). A head unit's term is the kurtosis over its columns of ``O`` (grouped per unit,
+    not mixed across heads as the released code does); a neuron's over its column; a hidden channel's is the
+    sum over sites of the kurtosis over its row.
+    """
+    device = None
+    heads, neurons = [], []
+    hidden: Tensor | None = None
+
+    def add_hidden(rows: Tensor) -> None:
+        nonlocal hidden
+        hidden = rows if hidden is None else hidden + rows.to(hidden.device)
+
+    for site, x_bar in zip(structure.attention, head_inputs, strict=True):
+        if not site.num_units or x_bar is None:
+            heads.append(torch.zeros(site.num_units))
+            continue
+        o = _weight_of(site.o).float() * x_bar.to(site.o.weight.device, torch.float32)[None, :]
+        device = o.device
+        units, width = site.num_units, site.unit_width
+        per_unit = o.view(o.shape[0], units, width).transpose(0, 1).reshape(units, -1)
+        heads.append(outlier_term(per_unit, dim=1))
+        add_hidden(outlier_term(o, dim=1))
+    for site, x_bar in zip(structure.ffn, neuron_inputs, strict=True):
+        if not site.num_neurons or x_bar is None:
+            neurons.append(torch.zeros(site.num_neurons))
+            continue
+        o = _weight_of(site.down).float() * x_bar.to(site.down.weight.device, torch.float32)[None, :]
+        device = o.device
+        neurons.append(outlier_term(o, dim=0))
+        add_hidden(outlier_term(o, dim=1))
+    device = device or torch.device("cpu")
+    if hidden is None:
+        hidden = torch.zeros(structure.hidden.size)
+    return BlockScores([h.to(device) for h in heads], [n.to(device) for n in neurons], hidden.to(device))
+
+
+def _commensurate(salience: list[Tensor], outliers: list[Tensor], weight: float) -> list[Tensor]:
+    """``outliers`` rescaled so that their mean over all blocks of this type is ``weight`` x the salience's."""
+    s = torch.cat([t.reshape(-1).float() for t in salience]) if salience else None
+    o = torch.cat([t.reshape(-1).float() for t in outliers]) if outliers else None
+    if s is None or o is None or s.numel() == 0:
+        return [torch.zeros_like(t) for t in salience]
+    scale = weight * s.mean() / o.mean().clamp_min(1e-12)
+    return [t.to(sal.device) * scale.to(sal.device) for t, sal in zip(outliers, salience, strict=True)]
+
+
+def with_outliers(
+    salience: BlockScores, outliers: BlockScores, weight: float = 1.0, masks: BlockScores | None = None
+) -> BlockScores:
+    """``S_bar + bonus``: the outlier term rescaled per block type to ``weight`` x that type's mean salience.
+
+    With ``masks`` (the current mask values), each block's bonus is multiplied by its mask, so a block being
+    pruned loses the bonus as its mask decays and a removed one has none (spec §4.2: its score fades to 0).
+    """
+    heads = _commensurate(salience.heads, outliers.heads, weight)
+    neurons = _commensurate(salience.neurons, outliers.neurons, weight)
+    hidden = _commensurate([salience.hidden], [outliers.hidden], weight)[0]
+    if masks is not None:
+        heads = [b * m.to(b) for b, m in zip(heads, masks.heads, strict=True)]
+        neurons = [b * m.to(b) for b, m in zip(neurons, masks.neurons, strict=True)]
+        hidden = hidden * masks.hidden.to(hidden)
+    return BlockScores(
+        [s + b for s, b in zip(salience.heads, heads, strict=True)],
+        [s + b for s, b in zip(salience.neurons, neurons, strict=True)],
+        salience.hidden + hidden,
+    )

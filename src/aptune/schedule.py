@@ -39,7 +39,8 @@ class DecayWindow:
 
     ``inside``: the step lies in the decay window of checkpoint ``checkpoint`` (0-based index).
     ``is_last``: the step is the last one of that window (``t_k - 1``), where masks are hard-set to 0/1.
-    ``target``: the density target in force at the step (what the masks move toward).
+    ``target``: what the masks move toward inside a window (its checkpoint's target), else the density target
+    in force at the step.
     """
 
     inside: bool
@@ -136,13 +137,14 @@ class PruningSchedule:
     def decay_window(self, step: int) -> DecayWindow:
         """Whether ``step`` is inside the decay window of the next checkpoint after it, and whether it is the
         window's last step (``t_k - 1``)."""
-        target = self.target_at(step)
         i = bisect_right(self.checkpoints, step)  # first checkpoint strictly after step
         if i < len(self.windows):
             first, last = self.windows[i]
             if first <= step <= last:
-                return DecayWindow(inside=True, is_last=step == last, checkpoint=i, target=target)
-        return DecayWindow(inside=False, is_last=False, checkpoint=None, target=target)
+                # the masks move toward this window's checkpoint, also on a step that is itself the previous
+                # checkpoint (a window may open there)
+                return DecayWindow(inside=True, is_last=step == last, checkpoint=i, target=self.targets[i])
+        return DecayWindow(inside=False, is_last=False, checkpoint=None, target=self.target_at(step))
 
     def budgets(self, initial_params: float, expansion: float = 4.0) -> tuple[float, ...]:
         """Adapter budget ``Delta(t_k)`` at every checkpoint (§6.3)."""

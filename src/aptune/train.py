@@ -32,7 +32,7 @@ from torch import nn
 from .budget import param_report
 from .compact import save_pruned
 from .config import ADAPTER_ROLES, APTConfig, ConfigError
-from .evaluate import accuracy, measure_throughput
+from .evaluate import accuracy, compare_throughput, quiet_transformers
 from .methods import BaselineConfig, build_method, check_supported, lr_factor, method_info, method_names
 
 METHODS = method_names()  # the registered methods (aptune.methods.register adds more)
@@ -387,17 +387,38 @@ def train(
 
 
 def compare_speed(
-    dense_path: str, model: nn.Module, num_labels: int, device, batch_size: int, length: int
+    dense_path: str,
+    model: nn.Module,
+    num_labels: int,
+    device,
+    batch_size: int,
+    length: int,
+    warmup: int = 3,
+    runs: int = 10,
 ) -> dict:
-    """Throughput of the dense starting model vs the final model, same batch, length and device."""
-    dense = load_classifier(dense_path, list(range(num_labels))).to(device)
-    dense_speed = measure_throughput(dense, batch_size=batch_size, length=length, device=device)
+    """Throughput of the dense starting model vs the final model, same batch, length and device.
+
+    The two run alternately (dense, final, dense, final, ...; :func:`aptune.evaluate.compare_throughput`),
+    so a change in machine load lands on both. ``speedup`` is the median of the per-pair throughput ratios
+    final / dense, ``speedup_spread`` their extremes and quartiles; ``dense`` and ``final`` hold each
+    model's median throughput. The dense model is loaded without transformers' load report (its new
+    classifier head is "missing" from the checkpoint, which is expected here).
+    """
+    with quiet_transformers():
+        dense = load_classifier(dense_path, list(range(num_labels)))
+    if getattr(dense.config, "pad_token_id", None) is None:
+        dense.config.pad_token_id = getattr(model.config, "pad_token_id", None)
+    result = compare_throughput(dense, model, batch_size, length, warmup=warmup, runs=runs, device=device)
     del dense
-    final_speed = measure_throughput(model, batch_size=batch_size, length=length, device=device)
     return {
-        "dense": dense_speed.to_dict(),
-        "final": final_speed.to_dict(),
-        "speedup": final_speed.throughput / dense_speed.throughput,
+        "dense": result.reference.to_dict(),
+        "final": result.candidate.to_dict(),
+        "speedup": result.speedup,
+        "speedup_spread": asdict(result.spread),
+        "ratios": result.ratios,
+        "order": result.order,
+        "warmup": warmup,
+        "runs": runs,
     }
 
 

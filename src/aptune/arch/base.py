@@ -135,6 +135,10 @@ class ModelStructure:
     # Parameters outside the prunable core, reported separately by the budget (name -> module).
     embedding_modules: dict[str, nn.Module]
     head_modules: dict[str, nn.Module]
+    # The task head layers the task class initialises anew (a classifier, a QA output layer): the only
+    # non-adapter parameters that APT and the adapter baselines train. Pretrained parts of the head (BERT's
+    # pooler, a language-model head, tied embeddings) stay frozen.
+    new_heads: dict[str, nn.Module] = field(default_factory=dict)
 
 
 class ArchSpec:

@@ -127,6 +127,7 @@ class BertSpec(ArchSpec):
                 norms.append(layer.output.LayerNorm)
 
         head_modules: dict[str, nn.Module] = {}
+        new_heads: dict[str, nn.Module] = {}
         pooler = getattr(base, "pooler", None)
         if pooler is not None:
             readers.append(pooler.dense)
@@ -138,6 +139,7 @@ class BertSpec(ArchSpec):
             if role == "reader+producer":
                 producers.append(module)
             head_modules[path] = module
+            new_heads[path] = module  # every layer listed in _HEADS is new in its task class
 
         emb = base.embeddings
         embeddings = [emb.word_embeddings, emb.position_embeddings]
@@ -159,6 +161,7 @@ class BertSpec(ArchSpec):
             num_layers=len(layers),
             embedding_modules={"embeddings": emb},
             head_modules=head_modules,
+            new_heads=new_heads,
         )
 
     def drop_attention(self, model: nn.Module, site: AttentionSite) -> None:

@@ -50,6 +50,8 @@ def _skip_ffn(module, args, kwargs, output):
 _PREFIXES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 # Task heads by class-name suffix: the attributes that hold them (each reads the final hidden states).
 _HEAD_SUFFIXES = {"Model": [], "ForCausalLM": ["lm_head"], "ForSequenceClassification": ["score"]}
+# The heads a task class initialises anew (trained by default); a language-model head is pretrained.
+_NEW_HEADS = ("score",)
 
 
 class LlamaSpec(ArchSpec):
@@ -120,11 +122,14 @@ class LlamaSpec(ArchSpec):
 
         embed = base.embed_tokens
         head_modules: dict[str, nn.Module] = {}
+        new_heads: dict[str, nn.Module] = {}
         tied: list[tuple[nn.Linear, nn.Embedding]] = []
         for attr in _head_attributes(model):
             module = getattr(model, attr)
             readers.append(module)
             head_modules[attr] = module
+            if attr in _NEW_HEADS:
+                new_heads[attr] = module
             if module.weight is embed.weight:
                 tied.append((module, embed))
         hidden = HiddenSpec(
@@ -145,6 +150,7 @@ class LlamaSpec(ArchSpec):
             # the final norm is outside the layers: reported with the embeddings, not counted in the budget
             embedding_modules={"embed_tokens": embed, "norm": base.norm},
             head_modules=head_modules,
+            new_heads=new_heads,
         )
 
     def drop_attention(self, model: nn.Module, site: AttentionSite) -> None:

@@ -1,16 +1,26 @@
 """The inference child: load a saved model, time it at a fixed batch and length, write one JSON file.
 
-    python -m aptune.bench.inference RUN/model --batch-size 128 --length 128 --dtype float32 --out inf.json
+    python -m aptune.bench.inference RUN/model --batch-size 128 --length 128 --dtype float32 \
+        --reference DENSE_MODEL --out inf.json
 
-It runs in its own process so its memory figures see only this model. Throughput is the median of timed
-forward passes after warm-up (:func:`aptune.evaluate.measure_throughput`), on random token ids with every
-token attended to. Peak memory:
+It runs in its own process so its memory figures see only this model. It works in two passes:
 
-* CUDA: ``torch.cuda.max_memory_allocated`` during the timed runs (weights, activations, workspace).
-* CPU: the process's peak resident memory during warm-up and timed runs minus its resident memory right
-  after loading (the extra memory inference needs; the weights are reported apart as ``weights_mb``). The
-  high-water mark is reset after loading through ``/proc/self/clear_refs``; where that is not possible the
-  peak also covers loading, and ``peak_memory_kind`` says so.
+1. The model alone: throughput is the median of timed forward passes after warm-up
+   (:func:`aptune.evaluate.measure_throughput`), on random token ids with every token attended to, and
+   peak memory is taken here, before anything else is loaded:
+
+   * CUDA: ``torch.cuda.max_memory_allocated`` during the timed runs (weights, activations, workspace).
+   * CPU: the process's peak resident memory during warm-up and timed runs minus its resident memory right
+     after loading (the extra memory inference needs; the weights are reported apart as ``weights_mb``). The
+     high-water mark is reset after loading through ``/proc/self/clear_refs``; where that is not possible
+     the peak also covers loading, and ``peak_memory_kind`` says so.
+
+2. With ``--reference`` (the dense model the bench started from): the reference is loaded as a sequence
+   classifier with the model's number of labels, and the two are timed alternately, reference, model,
+   reference, model, ... (:func:`aptune.evaluate.compare_throughput`), in this process at the same moment.
+   ``vs_dense`` holds the median of the per-pair throughput ratios model / reference (``speedup``), their
+   spread, every ratio, each model's median throughput in that pass and ``reference_path``. The memory
+   figures come from pass 1 and are not affected by the second model (that pass takes twice the time).
 """
 
 from __future__ import annotations
@@ -50,6 +60,24 @@ def _peak_rss_mb() -> float:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _KIB
 
 
+def load_reference(source: str, like: Any, dtype: str = "float32") -> Any:
+    """The dense model at ``source`` as a sequence classifier with ``like``'s number of labels.
+
+    Loaded quietly: its classifier head is new, and transformers' load report saying so is not a problem
+    here. A reference without a padding id takes ``like``'s (decoder classifiers need one for batches).
+    """
+    import torch
+
+    from ..evaluate import quiet_transformers
+    from ..train import load_classifier
+
+    with quiet_transformers():
+        model = load_classifier(source, list(range(like.config.num_labels)), dtype=getattr(torch, dtype))
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = getattr(like.config, "pad_token_id", None)
+    return model.eval()
+
+
 def measure_saved_model(
     path: str | Path,
     batch_size: int,
@@ -59,13 +87,20 @@ def measure_saved_model(
     warmup: int = 3,
     runs: int = 10,
     seed: int = 0,
+    reference: str | None = None,
 ) -> dict[str, Any]:
-    """Throughput and peak memory of the model saved at ``path`` (see the module docstring)."""
+    """Throughput and peak memory of the model saved at ``path``, and with ``reference`` its interleaved
+    speed-up over that dense model (see the module docstring)."""
     import torch
 
     from ..compact import load_pruned
-    from ..evaluate import measure_throughput
+    from ..evaluate import compare_throughput, measure_throughput
 
+    for name, value in (("batch_size", batch_size), ("length", length), ("runs", runs)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
     torch_dtype = getattr(torch, dtype)
     rss_before = _status_mb("VmRSS")
     model = load_pruned(path).to(dtype=torch_dtype, device=device).eval()
@@ -100,6 +135,12 @@ def measure_saved_model(
                 else "process_peak_rss_including_loading"
             ),
         )
+    if reference is not None:  # after the memory figures: they see the model alone
+        dense = load_reference(reference, model, dtype).to(device)
+        comparison = compare_throughput(
+            dense, model, batch_size, length, warmup=warmup, runs=runs, device=device, seed=seed
+        )
+        result["vs_dense"] = {**comparison.to_dict(), "reference_path": str(reference)}
     return result
 
 
@@ -115,15 +156,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reference",
+        help="the dense model to compare with (interleaved runs, same process); default: no comparison",
+    )
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
+    for name in ("batch_size", "length", "runs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     result = measure_saved_model(
-        args.model, args.batch_size, args.length, args.dtype, args.device, args.warmup, args.runs, args.seed
+        args.model,
+        args.batch_size,
+        args.length,
+        args.dtype,
+        args.device,
+        args.warmup,
+        args.runs,
+        args.seed,
+        reference=args.reference,
     )
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(
-        f"throughput {result['throughput']:.1f}/s, peak memory {result['peak_memory_mb']:.1f} MiB", flush=True
-    )
+    text = f"throughput {result['throughput']:.1f}/s, peak memory {result['peak_memory_mb']:.1f} MiB"
+    if "vs_dense" in result:
+        from ..evaluate import format_speedup
+
+        vs = result["vs_dense"]
+        text += f", vs dense {format_speedup(vs['speedup'], vs['spread'], vs['runs'])}"
+    print(text, flush=True)
     return 0
 
 

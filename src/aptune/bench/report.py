@@ -23,6 +23,7 @@ COLUMNS = (
     "train peak mem (MiB)",
     "inference (seq/s)",
     "speed-up vs FT",
+    "speed-up vs dense",
     "inference mem (MiB)",
     "trainable params (max)",
 )
@@ -60,9 +61,20 @@ def table_row(name: str, entry: Mapping[str, Any]) -> list[str]:
         _num(entry.get("train_peak_memory_mb"), ".0f"),
         _num(inference.get("throughput"), ".1f") if "error" not in inference else "failed",
         _num(entry.get("speedup_vs_full"), ".2f", "x"),
+        vs_dense_cell(inference.get("vs_dense")),
         _num(inference.get("peak_memory_mb"), ".1f"),
         _num(entry.get("trainable_params_max"), ","),
     ]
+
+
+def vs_dense_cell(vs_dense: Mapping[str, Any] | None) -> str:
+    """``2.45x (IQR 2.40-2.50)``: the median per-pair speed-up over dense and its interquartile range."""
+    if not vs_dense or vs_dense.get("speedup") is None:
+        return DASH
+    spread = vs_dense.get("spread") or {}
+    if spread.get("q1") is None or spread.get("q3") is None:
+        return f"{vs_dense['speedup']:.2f}x"
+    return f"{vs_dense['speedup']:.2f}x (IQR {spread['q1']:.2f}-{spread['q3']:.2f})"
 
 
 def table_rows(results: Mapping[str, Any]) -> list[list[str]]:
@@ -115,6 +127,12 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"on {inference['device']}, median of {inference.get('runs', '?')} runs after warm-up, in a "
             f"separate process; memory is {kind}."
         )
+        if any("vs_dense" in (e.get("inference") or {}) for e in methods.values()):
+            lines.append(
+                "Speed-up vs dense: the same child also times the dense starting model, alternating with the "
+                "method's model run by run after warm-up of both; the median of the per-pair throughput "
+                "ratios, with their interquartile range (min and max in results.json)."
+            )
     train_kinds = sorted(
         {e["train_peak_memory_kind"] for e in methods.values() if e.get("train_peak_memory_kind")}
     )

@@ -1,7 +1,8 @@
 """Child processes: one ``aptune train`` per method and one inference measurement per trained model.
 
-Each runs as ``sys.executable -m ...`` so memory figures of one method never include another's. stdout is
-read line by line (for the live progress line) and kept in ``NAME.stdout.log``; stderr goes to
+Each runs as ``sys.executable -m ...`` so memory figures of one method never include another's. The
+inference child also times the dense starting model, interleaved with the trained one (``--reference``).
+stdout is read line by line (for the live progress line) and kept in ``NAME.stdout.log``; stderr goes to
 ``NAME.stderr.log``, whose last lines become the error message when the child fails.
 """
 
@@ -66,8 +67,12 @@ def train_command(config: BenchConfig, name: str, output_dir: Path, model_path: 
     return cmd + list(config.flags_for(name))
 
 
-def inference_command(config: BenchConfig, model_dir: Path, out_file: Path, device: str) -> list[str]:
-    return [
+def inference_command(
+    config: BenchConfig, model_dir: Path, out_file: Path, device: str, reference: str | None = None
+) -> list[str]:
+    """The inference child's command; with ``reference`` (the dense starting model) it also times that
+    model, interleaved with the trained one, in the same process."""
+    cmd = [
         sys.executable,
         "-m",
         "aptune.bench.inference",
@@ -77,6 +82,7 @@ def inference_command(config: BenchConfig, model_dir: Path, out_file: Path, devi
         *("--warmup", str(config.inference_warmup), "--runs", str(config.inference_runs)),
         *("--seed", str(config.seed), "--out", str(out_file)),
     ]
+    return cmd + ["--reference", reference] if reference else cmd
 
 
 def child_env(mmap_threshold: int | None = None) -> dict[str, str]:

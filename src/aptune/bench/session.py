@@ -5,6 +5,9 @@ Layout of the output folder::
     results.json  results.md  validation_vs_time.png  apt_density_rank.png
     METHOD/report.json  METHOD/model/  METHOD/inference.json  METHOD/{train,inference}.std{out,err}.log
 
+Each method's inference child also times the dense starting model (``model_path``), interleaved with the
+trained one, so its speed-up over dense is a same-process, same-moment comparison.
+
 ``results.json`` and ``results.md`` are rewritten after every method, so a crash loses at most the method
 that was running. With ``resume`` a method whose ``report.json`` exists is not trained again (and its
 ``inference.json``, when present, is reused).
@@ -168,12 +171,18 @@ def run_method(
         entry["error"] = f"unreadable {report_path}: {e}"
         return entry
     entry.setdefault("train_command", report.get("command"))
-    entry["inference"] = measure_inference(config, folder, inference_path, device)
+    entry["inference"] = measure_inference(config, folder, inference_path, device, model_path)
     return entry
 
 
-def measure_inference(config: BenchConfig, folder: Path, out_file: Path, device: str) -> dict[str, Any]:
-    """The inference child's result, or {"error": ...}; an existing file is reused when resuming."""
+def measure_inference(
+    config: BenchConfig, folder: Path, out_file: Path, device: str, reference: str | None = None
+) -> dict[str, Any]:
+    """The inference child's result, or {"error": ...}; an existing file is reused when resuming.
+
+    With ``reference`` (the dense starting model) the child also gives ``vs_dense``: the trained model's
+    speed-up over it, timed interleaved in the same process. A resumed file without it is measured again.
+    """
     if config.resume and out_file.is_file():
         try:
             previous = json.loads(out_file.read_text())
@@ -182,11 +191,13 @@ def measure_inference(config: BenchConfig, folder: Path, out_file: Path, device:
                 config.inference_length,
                 config.inference_dtype,
             )
-            if same and previous.get("device", "").startswith(device):
+            compared_with = (previous.get("vs_dense") or {}).get("reference_path")
+            compared = reference is None or compared_with == reference
+            if same and compared and previous.get("device", "").startswith(device):
                 return {**previous, "resumed": True}
         except (OSError, ValueError):
             pass
-    command = inference_command(config, folder / "model", out_file, device)
+    command = inference_command(config, folder / "model", out_file, device, reference)
     child = run_child(command, folder, "inference", env=child_env(config.mmap_threshold))
     if not child.ok or not out_file.is_file():
         return {"error": child.error or "no inference.json written", "command": shlex.join(command)}
@@ -204,6 +215,8 @@ def summary_line(name: str, entry: dict[str, Any]) -> str:
     inference = entry.get("inference") or {}
     if "throughput" in inference:
         text += f", inference {inference['throughput']:.1f}/s"
+        if "vs_dense" in inference:
+            text += f" ({inference['vs_dense']['speedup']:.2f}x dense, interleaved)"
     elif "error" in inference:
         text += ", inference FAILED"
     return text + (" (resumed)" if entry.get("resumed") else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 # Variants beyond one-per-method: name -> the flags of `aptune train` that make it.
 EXTRA_VARIANTS: dict[str, tuple[str, ...]] = {
     "apt-nodistill": ("--method", "apt", "--no-distill"),
+    "apt-distill": ("--method", "apt", "--distill"),
 }
 
 # The side-by-side comparison run when no --methods are given (those not registered yet are left out).

@@ -1,6 +1,23 @@
 """Task metrics and inference speed measurement."""
 
 from .metrics import accuracy
-from .speed import SpeedResult, measure_throughput
+from .speed import (
+    ComparisonResult,
+    RatioSpread,
+    SpeedResult,
+    compare_throughput,
+    format_speedup,
+    measure_throughput,
+    quiet_transformers,
+)
 
-__all__ = ["SpeedResult", "accuracy", "measure_throughput"]
+__all__ = [
+    "ComparisonResult",
+    "RatioSpread",
+    "SpeedResult",
+    "accuracy",
+    "compare_throughput",
+    "format_speedup",
+    "measure_throughput",
+    "quiet_transformers",
+]

@@ -1,13 +1,24 @@
-"""Inference throughput and memory of a model at a fixed batch and length: warm-up, then timed runs, median."""
+"""Inference throughput and memory of a model at a fixed batch and length: warm-up, then timed runs, median.
+
+:func:`measure_throughput` times one model. :func:`compare_throughput` compares two (a dense reference and a
+pruned candidate) the way a shared machine allows: both are warmed up, then run alternately (reference,
+candidate, reference, candidate, ...) on the same inputs, and the speed-up is the median of the per-pair
+ratios, with their spread. A change in machine load then lands on both sides of each ratio, where timing one
+model after the other puts it on one side only.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+Timer = Callable[[], float]
 
 
 @dataclass
@@ -24,6 +35,27 @@ class SpeedResult:
         return asdict(self)
 
 
+def _check_sizes(batch_size: int, length: int, runs: int, warmup: int) -> None:
+    for name, value, least in (("batch_size", batch_size, 1), ("length", length, 1), ("runs", runs, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+
+
+def _random_inputs(
+    batch_size: int, length: int, vocab: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids drawn from ``seed`` (the same on every device) and an all-ones attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, length), generator=g).to(device)
+    return ids, torch.ones_like(ids)
+
+
+def _dtype_name(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
 @torch.no_grad()
 def measure_throughput(
     model: nn.Module,
@@ -35,32 +67,31 @@ def measure_throughput(
     dtype: torch.dtype | None = None,
     vocab_size: int | None = None,
     seed: int = 0,
+    timer: Timer = time.perf_counter,
 ) -> SpeedResult:
     """Median forward latency of ``model`` on random token ids, and the throughput it implies.
 
-    The model is used as it is (move, cast and compact it first). All tokens are attended to.
+    The model is used as it is (move, cast and compact it first). All tokens are attended to. ``timer`` is
+    the clock read around each timed call (a test may pass a fake one). To compare two models, use
+    :func:`compare_throughput`, which interleaves them.
     """
-    if batch_size < 1 or length < 1 or runs < 1:
-        raise ValueError("batch_size, length and runs must be >= 1")
+    _check_sizes(batch_size, length, runs, warmup)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device)
     if dtype is not None:
         model = model.to(dtype)
     model.eval()
-    vocab = vocab_size or model.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch_size, length), generator=g).to(device)
-    mask = torch.ones_like(ids)
+    ids, mask = _random_inputs(batch_size, length, vocab_size or model.config.vocab_size, seed, device)
     cuda = device.type == "cuda"
 
     def once() -> float:
         if cuda:
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = timer()
         model(input_ids=ids, attention_mask=mask)
         if cuda:
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return timer() - start
 
     for _ in range(warmup):
         once()
@@ -69,5 +100,174 @@ def measure_throughput(
     times = [once() for _ in range(runs)]
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    used_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    return SpeedResult(batch_size, length, str(device), used_dtype, median, batch_size / median, peak)
+    return SpeedResult(batch_size, length, str(device), _dtype_name(model), median, batch_size / median, peak)
+
+
+@dataclass
+class RatioSpread:
+    """The spread of the per-pair ratios: extremes and quartiles (``iqr`` = ``q3 - q1``)."""
+
+    min: float
+    q1: float
+    q3: float
+    max: float
+    iqr: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> RatioSpread:
+        if not values:
+            raise ValueError("no ratios to summarize")
+        if len(values) == 1:
+            q1 = q3 = values[0]
+        else:
+            q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        return cls(min(values), q1, q3, max(values), q3 - q1)
+
+
+@dataclass
+class ComparisonResult:
+    """Two models timed alternately on the same inputs (see :func:`compare_throughput`).
+
+    ``reference`` and ``candidate`` hold each model's median over its own timed calls. ``ratios`` are the
+    per-pair throughput ratios candidate / reference (reference time / candidate time of one adjacent
+    pair), ``speedup`` is their median and ``spread`` their extremes and quartiles. On CUDA a model's
+    ``peak_memory_mb`` is its weights and buffers plus the most any of its calls allocated above what was
+    allocated before the call (raw max-allocated would also count the other model, which stays resident).
+    """
+
+    batch_size: int
+    length: int
+    device: str
+    dtype: str
+    warmup: int
+    runs: int
+    reference: SpeedResult
+    candidate: SpeedResult
+    ratios: list[float]
+    speedup: float
+    spread: RatioSpread
+    order: str = field(default="interleaved")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tensor_mb(model: nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+
+
+@torch.no_grad()
+def compare_throughput(
+    reference: nn.Module,
+    candidate: nn.Module,
+    batch_size: int = 32,
+    length: int = 128,
+    warmup: int = 3,
+    runs: int = 10,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    timer: Timer = time.perf_counter,
+) -> ComparisonResult:
+    """Time ``reference`` and ``candidate`` alternately and return the median of the per-pair speed-ups.
+
+    Both models are moved to ``device`` (default: the candidate's) and cast to ``dtype`` when given, and run
+    on the same random token ids (drawn once from ``seed``, every token attended to). ``warmup`` untimed
+    passes of each come first, alternating, then ``runs`` timed pairs: reference, candidate, reference,
+    candidate, ... Each pair gives a ratio candidate throughput / reference throughput; the result holds the
+    median ratio (``speedup``), its spread, and each model's median throughput. On CUDA the device is
+    synchronized around every timed call. ``timer`` is the clock read around each timed call (a test may
+    pass a fake one).
+    """
+    _check_sizes(batch_size, length, runs, warmup)
+    device = torch.device(device) if device is not None else next(candidate.parameters()).device
+    models = {"reference": reference, "candidate": candidate}
+    for model in models.values():
+        model.to(device)
+        if dtype is not None:
+            model.to(dtype)
+        model.eval()
+    if vocab_size is None:
+        vocab_size = min(reference.config.vocab_size, candidate.config.vocab_size)
+    ids, mask = _random_inputs(batch_size, length, vocab_size, seed, device)
+    cuda = device.type == "cuda"
+    extra_mb = dict.fromkeys(models, 0.0)
+
+    def once(name: str) -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        start = timer()
+        models[name](input_ids=ids, attention_mask=mask)
+        if cuda:
+            torch.cuda.synchronize(device)
+        elapsed = timer() - start
+        if cuda:
+            extra = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            extra_mb[name] = max(extra_mb[name], extra)
+        return elapsed
+
+    for _ in range(warmup):
+        once("reference")
+        once("candidate")
+    extra_mb.update(dict.fromkeys(models, 0.0))  # memory counts the timed calls only
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(runs):
+        for name in models:
+            times[name].append(once(name))
+    ratios = [r / c for r, c in zip(times["reference"], times["candidate"], strict=True)]
+
+    def summary(name: str) -> SpeedResult:
+        model, median = models[name], statistics.median(times[name])
+        peak = extra_mb[name] + _tensor_mb(model) if cuda else None
+        return SpeedResult(
+            batch_size, length, str(device), _dtype_name(model), median, batch_size / median, peak
+        )
+
+    return ComparisonResult(
+        batch_size=batch_size,
+        length=length,
+        device=str(device),
+        dtype=_dtype_name(candidate),
+        warmup=warmup,
+        runs=runs,
+        reference=summary("reference"),
+        candidate=summary("candidate"),
+        ratios=ratios,
+        speedup=statistics.median(ratios),
+        spread=RatioSpread.of(ratios),
+    )
+
+
+def format_speedup(speedup: float, spread: dict | RatioSpread, pairs: int) -> str:
+    """The median per-pair speed-up with its spread, for a summary line: ``2.45x (median of 10 interleaved
+    pairs, IQR 2.40-2.50x, range 2.31-2.60x)``. ``spread`` is a :class:`RatioSpread` or its dict."""
+    s = asdict(spread) if isinstance(spread, RatioSpread) else spread
+    return (
+        f"{speedup:.2f}x (median of {pairs} interleaved pairs, IQR {s['q1']:.2f}-{s['q3']:.2f}x, "
+        f"range {s['min']:.2f}-{s['max']:.2f}x)"
+    )
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Within the block, transformers logs errors only and shows no progress bars; both restored after.
+
+    Loading a dense reference for a speed comparison prints transformers' load report (``classifier.weight |
+    MISSING ... Consider training on your downstream task``), which reads like a problem with the user's
+    model; errors still show.
+    """
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()

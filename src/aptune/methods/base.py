@@ -93,7 +93,8 @@ def lr_factor(step: int, total: int, warmup_ratio: float, restarts: tuple[int, .
 
 
 class AdapterMethod(Method):
-    """LoRA adapters on the projections with the given roles, plus the fully trained task head.
+    """LoRA adapters on the projections with the given roles, plus the task layers the task class adds
+    (the same non-adapter parameters APT and PEFT's LoRA train; a pretrained pooler or LM head stays frozen).
 
     The adapters are aptune's (:class:`aptune.adapter.APTLinear` at a fixed rank, alpha = 2 x rank, the same
     function as PEFT's LoRA): compaction slices them with their layers, so a method can prune while they
@@ -106,7 +107,7 @@ class AdapterMethod(Method):
             p.requires_grad_(False)
         self.rank, self.roles = rank, tuple(roles)
         self.add_lora()
-        for module in describe(model).head_modules.values():
+        for module in describe(model).new_heads.values():
             for p in module.parameters():
                 p.requires_grad_(True)
 

@@ -27,7 +27,9 @@ class FullFineTuning(Method):
 def attach_peft_lora(model: nn.Module, rank: int, roles: Sequence[str]) -> nn.Module:
     """PEFT LoRA (alpha = 2 x rank) on the projections with the given roles, found through the arch spec.
 
-    The task head is trained fully (PEFT's sequence-classification default). Needs ``pip install peft``.
+    The task layers the task class adds (the spec's ``new_heads``: a classifier, a score layer) train fully,
+    as in PEFT's sequence-classification default and in aptune's own adapter methods; a pretrained pooler stays
+    frozen. Needs ``pip install peft``.
     """
     try:
         from peft import LoraConfig, TaskType, get_peft_model
@@ -46,7 +48,12 @@ def attach_peft_lora(model: nn.Module, rank: int, roles: Sequence[str]) -> nn.Mo
     if not targets:
         raise ConfigError(f"no projections with roles {list(roles)} in this model")
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets
+        task_type=TaskType.SEQ_CLS,
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=targets,
+        modules_to_save=list(structure.new_heads) or None,
     )
     return get_peft_model(model, config)
 

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of aptune in one command, for a lent GPU machine (one H200 or H100), in at most 9 minutes.
+#
+#   benchmarks/gpu/run.sh OUTDIR             # on the GPU machine, from the repository root, with .gpu/ carried
+#   benchmarks/gpu/run.sh OUTDIR --dry-run   # here, on the CPU: the same steps on a tiny random BERT
+#   benchmarks/gpu/run.sh OUTDIR --steps 2,3 # only some of the steps below (each is independent but 3, which
+#                                            # reads step 2's APT structure)
+#
+# Needs .gpu/ (python benchmarks/gpu/prepare.py writes it: MiniLM in fp16 and rt-polarity); the GPU machine has
+# no package registry, and aptune runs from src/ (PYTHONPATH). Steps, each writing under OUTDIR as it finishes
+# (so a run cut short still leaves what it did):
+#   0. env.txt: GPU, driver, versions;
+#   1. benchmarks/inference_speed.py on a random BERT-base: uniform aligned shapes at densities 0.3-0.9;
+#      interleaved with the dense model, bf16, 512 x 128;
+#   2. aptune bench --preset gpu on MiniLM + rt-polarity: full, lora, lora-prune, apt-distill, apt-nodistill
+#      (TTA, CUDA max-allocated training memory, bf16 inference at 512 x 128 against the dense model);
+#   3. the per-layer shape APT chose for MiniLM in step 2, scaled to BERT-base, timed as in step 1;
+#   4. benchmarks/step_time.py: APT's dense-phase step against PEFT LoRA's on q, v, up (MiniLM, fp32);
+#   5. design decisions (issue 11): APT at density 0.4 for 3 epochs, 2 seeds, without the kurtosis term, with
+#      it, and with self-distillation; six runs at once on the one GPU (accuracy only: their times mean little).
+# The SmolLM2-135M step (APT at density 0.7 against dense LoRA) waits for causal-LM tuning (issue 12).
+set -uo pipefail
+OUTDIR=${1:?usage: benchmarks/gpu/run.sh OUTDIR [--dry-run] [--steps 1,2,3,4,5]}
+shift
+DRY=0
+STEPS=1,2,3,4,5
+while [ $# -gt 0 ]; do
+  case $1 in
+    --dry-run) DRY=1;;
+    --steps) STEPS=${2:?--steps needs a list such as 1,2}; shift;;
+    *) echo "unknown argument $1" >&2; exit 2;;
+  esac
+  shift
+done
+want() { case ",$STEPS," in *",$1,"*) return 0;; *) return 1;; esac; }
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+SEED=0
+started=$(date +%s)
+log() { echo "[$(($(date +%s) - started)) s] $*"; }
+
+if [ $DRY = 1 ]; then
+  ASSETS="$OUTDIR/.assets"
+  $PY benchmarks/gpu/prepare.py --tiny --out "$ASSETS" || exit 1
+  MODEL="$ASSETS/minilm"; DATA="$ASSETS/data/rt-polarity"
+  BENCH_FLAGS=(--cpu --inference-device cpu --inference-dtype float32 --inference-batch-size 4
+               --inference-length 16 --inference-runs 3 --epochs 2 --batch-size 16)
+  SPEED_DENSE=(--dense-config "$ASSETS/tiny-bert-config.json")
+  SPEED_FLAGS=(--batch-sizes 4 --lengths 16 --dtypes float32 --device cpu --runs 3)
+  STEP_FLAGS=(--device cpu --steps 4 --warmup 1 --batch-size 4 --length 16)
+  DECISION_EPOCHS=2; DECISION_FLAGS=(--cpu --batch-size 16)
+else
+  [ -d .gpu/minilm ] || { echo "no .gpu/minilm: run python benchmarks/gpu/prepare.py here first and carry .gpu" >&2; exit 2; }
+  MODEL=.gpu/minilm; DATA=.gpu/data/rt-polarity
+  BENCH_FLAGS=()
+  SPEED_DENSE=(--dense-config bert-base)
+  SPEED_FLAGS=(--batch-sizes 512 --lengths 128 --dtypes bfloat16 --device cuda --runs 20)
+  STEP_FLAGS=(--device cuda --steps 60 --warmup 10 --batch-size 32 --length 64)
+  DECISION_EPOCHS=3; DECISION_FLAGS=()
+fi
+
+{
+  date -u; uname -a; nvidia-smi 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__); print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+  $PY -c "import peft; print('peft', peft.__version__)" 2>&1
+  git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
+} > "$OUTDIR/env.txt" 2>&1
+
+if want 1; then
+log "1. inference speed, uniform aligned shapes, densities 0.3-0.9"
+$PY benchmarks/inference_speed.py "${SPEED_DENSE[@]}" --uniform-density 0.3 0.4 0.5 0.6 0.7 0.8 0.9 \
+    "${SPEED_FLAGS[@]}" --seed $SEED --out "$OUTDIR/inference-bert-base-uniform.json" 2>&1 | tee "$OUTDIR/speed.log"
+fi
+
+if want 2; then
+log "2. bench (full lora lora-prune apt-distill apt-nodistill)"
+$PY -m aptune.cli bench --preset gpu --model "$MODEL" --data "$DATA" --seed $SEED \
+    --methods full lora lora-prune apt-distill apt-nodistill --output "$OUTDIR/bench" --resume --no-progress \
+    "${BENCH_FLAGS[@]}" 2>&1 | tee "$OUTDIR/bench.log"
+log "bench exit ${PIPESTATUS[0]}"
+fi
+
+if want 3; then
+STRUCT="$OUTDIR/bench/apt-nodistill/model/aptune_structure.json"
+if [ -f "$STRUCT" ]; then
+  log "3. inference speed, APT's MiniLM shape scaled to the dense model"
+  $PY benchmarks/inference_speed.py "${SPEED_DENSE[@]}" --structure "$STRUCT" --scale-to-dense \
+      "${SPEED_FLAGS[@]}" --seed $SEED --out "$OUTDIR/inference-bert-base-apt-shape.json" 2>&1 | tee -a "$OUTDIR/speed.log"
+else
+  log "3 skipped: no APT structure from step 2"
+fi
+fi
+
+if want 4; then
+log "4. dense-phase step time, APT against PEFT LoRA on q, v, up"
+$PY benchmarks/step_time.py --model "$MODEL" "${STEP_FLAGS[@]}" --out "$OUTDIR/step-time.json" 2>&1 | tee "$OUTDIR/step-time.log"
+fi
+
+if want 5; then
+log "5. design decisions: 3 variants x 2 seeds, concurrently"
+mkdir -p "$OUTDIR/decisions"
+for seed in 0 1; do
+  for variant in nokurt kurt distill; do
+    case $variant in
+      nokurt) flags=(--no-distill --no-use-kurtosis);;
+      kurt) flags=(--no-distill --use-kurtosis);;
+      distill) flags=(--distill);;
+    esac
+    OMP_NUM_THREADS=2 $PY -m aptune.cli train --model "$MODEL" --data "$DATA" --method apt --density 0.4 \
+        --epochs "$DECISION_EPOCHS" --seed $seed --output "$OUTDIR/decisions/$variant-s$seed" --no-measure-speed \
+        --no-progress "${DECISION_FLAGS[@]}" "${flags[@]}" > "$OUTDIR/decisions/$variant-s$seed.log" 2>&1 &
+  done
+done
+wait
+$PY benchmarks/summarize_runs.py "$OUTDIR/decisions" --json "$OUTDIR/decisions.json" | tee "$OUTDIR/decisions.md"
+fi
+log "done"
