@@ -35,7 +35,9 @@ from aptune.methods.plain import attach_peft_lora
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="", help="dense model folder (default: the packaged MiniLM)")
-    parser.add_argument("--dense-config", help="instead of --model: a config.json, randomly initialised")
+    parser.add_argument(
+        "--dense-config", help="instead of --model: 'bert-base' or a config.json, randomly initialised"
+    )
     parser.add_argument("--targets", nargs="+", default=["q", "v", "up"])
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -52,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    if args.dense_config:
+    if args.dense_config == "bert-base":
+        base = AutoModelForSequenceClassification.from_config(transformers.BertConfig(num_labels=2))
+    elif args.dense_config:
         config = transformers.AutoConfig.from_pretrained(args.dense_config, num_labels=2)
         base = AutoModelForSequenceClassification.from_config(config)
     else:
@@ -85,12 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     lora_opt = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
+    cuda = device.type == "cuda"
+    peaks = {"apt": 0.0, "lora": 0.0}  # CUDA: the most a step allocated above what was allocated before it
+
     def sync() -> None:
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
+
+    def track(side: str, before: int) -> None:
+        if cuda:
+            peaks[side] = max(peaks[side], (torch.cuda.max_memory_allocated(device) - before) / 2**20)
+
+    def begin() -> int:
+        if not cuda:
+            return 0
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
 
     def apt_step(b) -> float:
         sync()
+        before = begin()
         start = time.perf_counter()
         controller.before_forward()
         with autocast:
@@ -103,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         if controller.after_step():
             raise RuntimeError("the structure changed: the timed steps left the dense phase")
         sync()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        track("apt", before)
+        return elapsed
 
     def lora_step(b) -> float:
         sync()
+        before = begin()
         start = time.perf_counter()
         with autocast:
             loss = lora_model(**b).loss
@@ -116,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         lora_opt.step()
         lora_opt.zero_grad(set_to_none=True)
         sync()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        track("lora", before)
+        return elapsed
 
     for _ in range(args.warmup):
         b = batch()
@@ -147,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         "lora_step_s_median": statistics.median(lora_times),
         "ratio_median": statistics.median(ratios),
         "ratio_spread": {"min": ratios[0], "q1": q[0], "q3": q[2], "max": ratios[-1]},
+        "trainable_params": {
+            "apt": sum(p.numel() for p in controller.trainable_parameters()),
+            "lora": sum(p.numel() for p in lora_model.parameters() if p.requires_grad),
+        },
+        # CUDA: the most one training step allocated above what was allocated when it began (activations,
+        # gradients, temporaries); the weights and optimizer state held between steps are not in it
+        "step_peak_above_start_mib": peaks if cuda else None,
         "load_average": os.getloadavg(),
         "versions": {
             "torch": torch.__version__,
@@ -162,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         },
     }
+    if cuda:
+        print(
+            f"step peak above its start (MiB): APT {peaks['apt']:.1f}, LoRA {peaks['lora']:.1f}", flush=True
+        )
     print(
         f"dense-phase step: APT {result['apt_step_s_median'] * 1e3:.1f} ms, LoRA "
         f"{result['lora_step_s_median'] * 1e3:.1f} ms, APT/LoRA {result['ratio_median']:.3f} "

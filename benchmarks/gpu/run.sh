@@ -15,7 +15,8 @@
 #   2. aptune bench --preset gpu on MiniLM + rt-polarity: full, lora, lora-prune, apt-distill, apt-nodistill
 #      (TTA, CUDA max-allocated training memory, bf16 inference at 512 x 128 against the dense model);
 #   3. the per-layer shape APT chose for MiniLM in step 2, scaled to BERT-base, timed as in step 1;
-#   4. benchmarks/step_time.py: APT's dense-phase step against PEFT LoRA's on q, v, up (MiniLM, fp32);
+#   4. benchmarks/step_time.py: APT's dense-phase step against PEFT LoRA's on q, v, up (MiniLM at 32 x 64, and a
+#      random BERT-base at 32 x 128; fp32);
 #   5. design decisions (issue 11): APT at density 0.4 for 3 epochs, 2 seeds, without the kurtosis term, with
 #      it, and with self-distillation; six runs at once on the one GPU (accuracy only: their times mean little).
 # The SmolLM2-135M step (APT at density 0.7 against dense LoRA) waits for causal-LM tuning (issue 12).
@@ -51,7 +52,7 @@ if [ $DRY = 1 ]; then
                --inference-length 16 --inference-runs 3 --epochs 2 --batch-size 16)
   SPEED_DENSE=(--dense-config "$ASSETS/tiny-bert-config.json")
   SPEED_FLAGS=(--batch-sizes 4 --lengths 16 --dtypes float32 --device cpu --runs 3)
-  STEP_FLAGS=(--device cpu --steps 4 --warmup 1 --batch-size 4 --length 16)
+  STEP_FLAGS=(--device cpu --steps 4 --warmup 1 --batch-size 4 --length 16); STEP_LONG=16
   DECISION_EPOCHS=2; DECISION_FLAGS=(--cpu --batch-size 16)
 else
   [ -d .gpu/minilm ] || { echo "no .gpu/minilm: run python benchmarks/gpu/prepare.py here first and carry .gpu" >&2; exit 2; }
@@ -59,7 +60,7 @@ else
   BENCH_FLAGS=()
   SPEED_DENSE=(--dense-config bert-base)
   SPEED_FLAGS=(--batch-sizes 512 --lengths 128 --dtypes bfloat16 --device cuda --runs 20)
-  STEP_FLAGS=(--device cuda --steps 60 --warmup 10 --batch-size 32 --length 64)
+  STEP_FLAGS=(--device cuda --steps 60 --warmup 10 --batch-size 32 --length 64); STEP_LONG=128
   DECISION_EPOCHS=3; DECISION_FLAGS=()
 fi
 
@@ -98,6 +99,8 @@ fi
 if want 4; then
 log "4. dense-phase step time, APT against PEFT LoRA on q, v, up"
 $PY benchmarks/step_time.py --model "$MODEL" "${STEP_FLAGS[@]}" --out "$OUTDIR/step-time.json" 2>&1 | tee "$OUTDIR/step-time.log"
+$PY benchmarks/step_time.py "${SPEED_DENSE[@]}" "${STEP_FLAGS[@]}" --length "$STEP_LONG" \
+    --out "$OUTDIR/step-time-bert-base.json" 2>&1 | tee -a "$OUTDIR/step-time.log"
 fi
 
 if want 5; then

@@ -215,6 +215,29 @@ class APTLinear(nn.Module):
         return (A.float() * A.grad.float()).sum(dim=1).abs()
 
 
+@torch.no_grad()
+def rank_saliences(adapters: Sequence[APTLinear]) -> list[Tensor]:
+    """:meth:`APTLinear.rank_salience` of every adapter, computed with fused multi-tensor kernels (a handful
+    of launches per step on CUDA instead of several per adapter)."""
+    with_grad = [a for a in adapters if a.lora_A.grad is not None]
+    out: dict[int, Tensor] = {}
+    if with_grad:
+        factors = [a.lora_A.float() for a in with_grad]
+        grads = [a.lora_A.grad.float() for a in with_grad]
+        products = (
+            torch._foreach_mul(factors, grads)
+            if hasattr(torch, "_foreach_mul")
+            else [f * g for f, g in zip(factors, grads, strict=True)]
+        )
+        sums = [p.sum(dim=1) for p in products]
+        torch._foreach_abs_(sums)
+        out = {id(a): s for a, s in zip(with_grad, sums, strict=True)}
+    return [
+        out[id(a)] if id(a) in out else torch.zeros(a.rank, device=a.lora_A.device, dtype=torch.float32)
+        for a in adapters
+    ]
+
+
 def adapter_importance(adapter: APTLinear) -> Tensor:
     """The adapter's importance: the mean of :meth:`APTLinear.rank_salience` over its ranks (a 0-d tensor)."""
     return adapter.rank_salience().mean()

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import add_adapters
+from .adapter import add_adapters, rank_saliences
 from .arch import describe
 from .budget import StructureShape, count_prunable
 from .compact import compact
@@ -38,7 +38,7 @@ from .config import APTConfig
 from .distill import SelfDistiller
 from .masks import StructuralMasks, apply_masks, remove_masks
 from .memory import release_memory
-from .salience import BlockScores, SalienceCollector, ema, outlier_scores, with_outliers
+from .salience import BlockScores, SalienceCollector, ema, ema_, outlier_scores, with_outliers
 from .schedule import adapter_budget, distill_weight, mask_decay_tensor, pruning_schedule
 from .selection import select_blocks
 from .tuner import adapter_params, grow_ranks, importance_of
@@ -176,10 +176,18 @@ class APTController:
             self.neuron_inputs = [
                 _blend(o, n, beta) for o, n in zip(self.neuron_inputs, neurons, strict=True)
             ]
-        self.scores = self.collector.scores().blend(self.scores, beta)
-        for i, adapter in enumerate(self.adapters):
-            # kept on the adapter's device: no host sync per adapter per step
-            self.rank_scores[i] = ema(self.rank_scores[i], adapter.rank_salience(), self.config.beta)
+        current = self.collector.scores()
+        if self.scores is None:
+            self.scores = current
+        else:
+            self.scores.blend_(current, beta)
+        # kept on the adapters' device: no host sync; fused kernels, not a few launches per adapter
+        saliences = rank_saliences(self.adapters)
+        fresh = [i for i, s in enumerate(self.rank_scores) if s is None or s.shape != saliences[i].shape]
+        for i in fresh:
+            self.rank_scores[i] = saliences[i].clone()
+        old = [i for i in range(len(self.adapters)) if i not in set(fresh)]
+        ema_([self.rank_scores[i] for i in old], [saliences[i] for i in old], beta)
         self.collector.stop()
 
     def after_step(self) -> bool:

@@ -148,6 +148,14 @@ def _norm_over_kept(norm: nn.Module, x: Tensor, kept: Tensor) -> Tensor:
     return y
 
 
+def _scale(x: Tensor, mask: Tensor) -> Tensor:
+    """``x * mask``; in place when no graph is being recorded (evaluation), so a masked forward pass holds no
+    second copy of the activation (the hooked tensors are intermediates that nothing else reads)."""
+    if torch.is_grad_enabled():
+        return x * mask
+    return x.mul_(mask)
+
+
 class _Cached:
     """What the hooks need of one mask, computed once per new mask tensor: flags and device copies."""
 
@@ -243,7 +251,7 @@ class MaskHooks:
             if not self.enabled or state.full:
                 return None
             x = args[0]
-            return (x * state.values(x), *args[1:])
+            return (_scale(x, state.values(x)), *args[1:])
 
         return hook
 
@@ -252,7 +260,7 @@ class MaskHooks:
             state = self._state("neurons", i)
             if not self.enabled or state.full:
                 return None
-            return (args[0] * state.values(args[0]), *args[1:])
+            return (_scale(args[0], state.values(args[0])), *args[1:])
 
         return hook
 
@@ -275,13 +283,13 @@ class MaskHooks:
         state = self._hidden()
         if state is None:
             return None
-        return (args[0] * state.values(args[0]), *args[1:])
+        return (_scale(args[0], state.values(args[0])), *args[1:])
 
     def _hidden_output_hook(self, module, args, output):
         state = self._hidden()
         if state is None:
             return None
-        return output * state.values(output)
+        return _scale(output, state.values(output))
 
     def _install_norm(self, norm: nn.Module) -> None:
         """Replace the norm's forward (on this instance only) by one that, under a partial hidden mask,

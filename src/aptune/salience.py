@@ -65,6 +65,20 @@ def outlier_term(x: Tensor, dim: int = -1) -> Tensor:
     return kurtosis(x, dim).clamp_min(0.0).sqrt()
 
 
+def ema_(previous: Sequence[Tensor], current: Sequence[Tensor], beta: float = 0.85) -> None:
+    """In place, ``previous[i] = beta * previous[i] + (1 - beta) * current[i]`` for every i, in one fused
+    multi-tensor kernel where torch has it (a few launches per step instead of one per tensor)."""
+    previous, current = list(previous), list(current)
+    if not previous:
+        return
+    foreach = getattr(torch, "_foreach_lerp_", None)
+    if foreach is not None:
+        foreach(previous, current, 1.0 - beta)
+    else:  # pragma: no cover - older torch
+        for p, c in zip(previous, current, strict=True):
+            p.lerp_(c, 1.0 - beta)
+
+
 def ema(previous: Tensor | None, current: Tensor, beta: float = 0.85) -> Tensor:
     """Exponential moving average ``beta * previous + (1 - beta) * current`` (``current`` when no history)."""
     if previous is None:
@@ -96,6 +110,10 @@ class BlockScores:
             [ema(o, s, beta) for o, s in zip(other.neurons, self.neurons, strict=True)],
             ema(other.hidden, self.hidden, beta),
         )
+
+    def blend_(self, current: BlockScores, beta: float = 0.85) -> None:
+        """Fold ``current`` into these scores in place: the moving average of spec §4.2."""
+        ema_(self.tensors(), current.tensors(), beta)
 
     def keep(self, heads: Sequence[Tensor], neurons: Sequence[Tensor], hidden: Tensor) -> BlockScores:
         """The scores of the kept blocks only (boolean keep flags per site), in their order."""
@@ -280,19 +298,31 @@ class SalienceCollector:
         n = self._token_count(device)
         hidden = torch.zeros(self.structure.hidden.size, device=device)
         heads, neurons = [], []
+        # every product act * grad / n at once (a fused multi-tensor kernel on CUDA)
+        sites = [
+            a
+            for a in [*self._heads, *self._neurons, *self._hidden]
+            if a.act is not None and a.grad is not None
+        ]
+        products = dict(
+            zip(map(id, sites), _products([a.act for a in sites], [a.grad for a in sites], n), strict=True)
+        )
         for site, acc in zip(self.structure.attention, self._heads, strict=True):
-            score = torch.zeros(site.num_units, device=device)
-            if site.num_units and acc.act is not None and acc.grad is not None:
-                score = (acc.act * acc.grad).view(site.num_units, site.unit_width).sum(1) / n
-            heads.append(score)
+            score = products.get(id(acc))
+            if site.num_units and score is not None:
+                heads.append(score.view(site.num_units, site.unit_width).sum(1))
+            else:
+                heads.append(torch.zeros(site.num_units, device=device))
         for site, acc in zip(self.structure.ffn, self._neurons, strict=True):
-            score = torch.zeros(site.num_neurons, device=device)
-            if site.num_neurons and acc.act is not None and acc.grad is not None:
-                score = acc.act * acc.grad / n
-            neurons.append(score)
-        for acc in self._hidden:
-            if acc.act is not None and acc.grad is not None:
-                hidden += acc.act * acc.grad / n
+            score = products.get(id(acc))
+            neurons.append(
+                score
+                if site.num_neurons and score is not None
+                else torch.zeros(site.num_neurons, device=device)
+            )
+        hidden_parts = [products[id(acc)] for acc in self._hidden if id(acc) in products]
+        if hidden_parts:
+            hidden = torch.stack(hidden_parts).sum(0)
         self.reset()
         return BlockScores(heads, neurons, hidden)
 
@@ -302,6 +332,18 @@ class SalienceCollector:
             if proj is not None:
                 return proj.weight.device
         return torch.device("cpu")
+
+
+def _products(acts: list[Tensor], grads: list[Tensor], n: Tensor) -> list[Tensor]:
+    """``act * grad / n`` for each pair, with fused multi-tensor kernels where torch has them."""
+    if not acts:
+        return []
+    mul = getattr(torch, "_foreach_mul", None)
+    if mul is None:  # pragma: no cover - older torch
+        return [a * g / n for a, g in zip(acts, grads, strict=True)]
+    out = mul(acts, grads)
+    torch._foreach_div_(out, n)
+    return out
 
 
 @torch.no_grad()
