@@ -418,6 +418,7 @@ class APTController:
             else {k: v.clone() for k, v in d.teacher_head.items()},
             "latest_validation": self.latest_validation,
             "teacher_validation": self.teacher_validation,
+            "layer_sampler": d.generator.get_state(),  # which teacher layers the next steps compare
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -454,6 +455,8 @@ class APTController:
             d.teacher_head = None if saved["teacher_head"] is None else dict(saved["teacher_head"])
             self.latest_validation = saved["latest_validation"]
             self.teacher_validation = saved["teacher_validation"]
+            if saved.get("layer_sampler") is not None:
+                d.generator.set_state(saved["layer_sampler"])
 
 
 def _blend(previous: Tensor | None, current: Tensor | None, beta: float) -> Tensor | None:
