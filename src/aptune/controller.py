@@ -280,6 +280,7 @@ class APTController:
             scores = self.rank_scores[i]
             if scores is not None:
                 self.rank_scores[i] = torch.cat([scores, scores.new_zeros(rank - len(scores))])
+        release_memory()  # what the last window's fractional masks and any removal freed goes back to the system
         if (
             self.distiller is not None
             and self.distiller.has_teacher
