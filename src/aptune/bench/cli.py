@@ -5,7 +5,7 @@
         --method-args full="--learning-rate 5e-5" --method-args apt="--learning-rate 1e-3 --initial-rank 16"
 
 Per-method flags (``--method-args NAME=FLAGS``, repeatable) are ``aptune train`` flags; those given for a
-method also apply to its variants (``apt`` to ``apt-nodistill``). ``--train-args=FLAGS`` applies to every
+method also apply to its variants (``apt`` to ``apt-distill`` and ``apt-nodistill``). ``--train-args=FLAGS`` applies to every
 method. ``--config FILE`` (JSON or YAML) sets the same keys as the flags, with ``method_args`` a mapping of
 method name to a flag string; precedence is preset < config file < flags.
 
@@ -89,7 +89,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=S,
         metavar="NAME",
-        help="variants to run, in order (default: full lora lora-prune loraprune llm-pruner apt apt-nodistill)",
+        help="variants to run, in order (default: full lora lora-prune loraprune llm-pruner apt apt-distill)",
     )
     parser.add_argument(
         "--method-args",

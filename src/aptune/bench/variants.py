@@ -20,8 +20,8 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "lora-prune",
     "loraprune",
     "llm-pruner",
-    "apt",
-    "apt-nodistill",
+    "apt",  # no self-distillation (the default since issue 11)
+    "apt-distill",
 )
 
 REFERENCE = "full"  # time to accuracy and speed-ups are relative to this variant
