@@ -183,11 +183,14 @@ class APTController:
             self.scores.blend_(current, beta)
         # kept on the adapters' device: no host sync; fused kernels, not a few launches per adapter
         saliences = rank_saliences(self.adapters)
-        fresh = [i for i, s in enumerate(self.rank_scores) if s is None or s.shape != saliences[i].shape]
-        for i in fresh:
-            self.rank_scores[i] = saliences[i].clone()
-        old = [i for i in range(len(self.adapters)) if i not in set(fresh)]
-        ema_([self.rank_scores[i] for i in old], [saliences[i] for i in old], beta)
+        history, current_ranks = [], []
+        for i, (old, new) in enumerate(zip(self.rank_scores, saliences, strict=True)):
+            if old is None or old.shape != new.shape:
+                self.rank_scores[i] = new.clone()
+            else:
+                history.append(old)
+                current_ranks.append(new)
+        ema_(history, current_ranks, beta)
         self.collector.stop()
 
     def after_step(self) -> bool:

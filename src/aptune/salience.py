@@ -85,7 +85,7 @@ def ema(previous: Tensor | None, current: Tensor, beta: float = 0.85) -> Tensor:
         return current.clone()
     return torch.lerp(
         previous, current.to(previous.dtype), 1.0 - beta
-    )  # one kernel: beta*prev + (1-beta)*cur
+    )  # beta * previous + (1 - beta) * current
 
 
 @dataclass
@@ -98,18 +98,6 @@ class BlockScores:
 
     def tensors(self) -> list[Tensor]:
         return [*self.heads, *self.neurons, self.hidden]
-
-    def blend(self, other: BlockScores | None, beta: float = 0.85) -> BlockScores:
-        """``self`` folded into the moving average ``other`` (method spec §4.2)."""
-        if other is None:
-            return BlockScores(
-                [h.clone() for h in self.heads], [n.clone() for n in self.neurons], self.hidden.clone()
-            )
-        return BlockScores(
-            [ema(o, s, beta) for o, s in zip(other.heads, self.heads, strict=True)],
-            [ema(o, s, beta) for o, s in zip(other.neurons, self.neurons, strict=True)],
-            ema(other.hidden, self.hidden, beta),
-        )
 
     def blend_(self, current: BlockScores, beta: float = 0.85) -> None:
         """Fold ``current`` into these scores in place: the moving average of spec §4.2."""
@@ -346,6 +334,11 @@ def _products(acts: list[Tensor], grads: list[Tensor], n: Tensor) -> list[Tensor
     return out
 
 
+def _outlier_matrix(linear: nn.Module, x_bar: Tensor) -> Tensor:
+    """``O = W * x_bar`` column-wise, in fp32: the effective weight with each column scaled by its mean input."""
+    return _weight_of(linear).float() * x_bar.to(linear.weight.device, torch.float32)[None, :]
+
+
 @torch.no_grad()
 def outlier_scores(
     structure: ModelStructure,
@@ -372,7 +365,7 @@ def outlier_scores(
         if not site.num_units or x_bar is None:
             heads.append(torch.zeros(site.num_units))
             continue
-        o = _weight_of(site.o).float() * x_bar.to(site.o.weight.device, torch.float32)[None, :]
+        o = _outlier_matrix(site.o, x_bar)
         device = o.device
         units, width = site.num_units, site.unit_width
         per_unit = o.view(o.shape[0], units, width).transpose(0, 1).reshape(units, -1)
@@ -382,7 +375,7 @@ def outlier_scores(
         if not site.num_neurons or x_bar is None:
             neurons.append(torch.zeros(site.num_neurons))
             continue
-        o = _weight_of(site.down).float() * x_bar.to(site.down.weight.device, torch.float32)[None, :]
+        o = _outlier_matrix(site.down, x_bar)
         device = o.device
         neurons.append(outlier_term(o, dim=0))
         add_hidden(outlier_term(o, dim=1))
