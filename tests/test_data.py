@@ -303,6 +303,98 @@ def test_jsonl_blank_lines_bom_crlf_and_u2028(tmp_path: Path) -> None:
     assert [row["text"] for row in data["train"]] == ["a\u2028b", "c"]
 
 
+def test_load_parquet_split(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train = tmp_path / "train.parquet"
+    pq.write_table(
+        pa.table({"sentence": ["good film", "dull plot", None], "label": [1, 0, 1], "idx": [0, 1, 2]}), train
+    )
+    validation = write_jsonl(tmp_path / "dev.jsonl", [{"sentence": "fine", "label": 1}])
+    with pytest.raises(DataError) as error:
+        load_split_files(train)
+    assert one_line(error) == f"{train}, row 3: missing field 'sentence' (fields present: label, idx)"
+
+    pq.write_table(pa.table({"sentence": ["good film", "dull plot"], "label": [1, 0], "idx": [0, 1]}), train)
+    data = load_split_files(train, validation)
+    assert data.task == TextClassificationData(text_fields=("sentence",), labels=(0, 1))
+    assert data["train"] == [
+        {"sentence": "good film", "label": 1, "idx": 0},
+        {"sentence": "dull plot", "label": 0, "idx": 1},
+    ]
+    assert list(load_text_classification(tmp_path).splits) == ["train", "validation"]  # train.parquet found
+
+    pq.write_table(
+        pa.table({"sentence": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), train
+    )
+    with pytest.raises(DataError) as error:
+        load_split_files(train)
+    assert one_line(error) == f"{train} is empty (no data rows)"
+
+
+def test_json_array_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.json"
+    rows = [
+        {"premise": "p", "hypothesis": "h", "label": "yes", "id": 7},
+        {"premise": "q", "hypothesis": "i", "label": "no"},
+    ]
+    path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    data = load_split_files(path)
+    assert data.task == TextClassificationData(text_fields=("premise", "hypothesis"), labels=("no", "yes"))
+    assert data["train"][0] == rows[0]
+    assert data["train"][1] == {**rows[1], "id": None}  # every row holds every column of the file
+
+    path.write_text(json.dumps([{"premise": "p", "hypothesis": "h", "label": 1}, {"premise": "q"}]))
+    with pytest.raises(DataError) as error:
+        load_split_files(path)
+    assert one_line(error) == f"{path}, item 2: missing field 'hypothesis' (fields present: premise)"
+
+
+def test_changed_file_is_read_again(tmp_path: Path) -> None:
+    """Loading goes through datasets' cache; an edited file must not come back from a stale copy, even when
+    its size and modification time are unchanged."""
+    for path, before, after in [
+        (tmp_path / "train.jsonl", '{"text": "aa", "label": 0}\n', '{"text": "bb", "label": 1}\n'),
+        (tmp_path / "train.csv", "text,label\naa,0\n", "text,label\nbb,1\n"),
+    ]:
+        path.write_text(before, encoding="utf-8")
+        stat = path.stat()
+        assert load_split_files(path)["train"] == [{"text": "aa", "label": 0}]
+        path.write_text(after, encoding="utf-8")
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+        assert load_split_files(path)["train"] == [{"text": "bb", "label": 1}]
+
+
+def test_csv_cells_are_text(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "train.csv",
+        ["text", "label", "score"],
+        [["NA", "1", "007"], ["null", "0", "1e5"], ["42", "1", ""]],
+    )
+    data = load_split_files(path)
+    assert [row["text"] for row in data["train"]] == ["NA", "null", "42"]  # no guessing of types or NaN
+    assert [row["score"] for row in data["train"]] == ["007", "1e5", None]  # an empty cell is missing
+    assert data.task.labels == (0, 1)
+
+
+def test_loading_is_quiet(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    import datasets
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": 0}\n{"text": \n', encoding="utf-8")
+    capfd.readouterr()
+    datasets.enable_progress_bars()
+    load_split_files(path)
+    with pytest.raises(DataError):
+        load_split_files(bad)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""  # no progress bars, no logged errors
+    assert datasets.is_progress_bar_enabled()  # and the settings are restored
+
+
 # ----------------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------------
@@ -386,7 +478,8 @@ def test_csv_row_missing_cell_names_line(tmp_path: Path) -> None:
     path.write_text("text,label\ngood,1\nbad,0\nshort\n", encoding="utf-8")
     with pytest.raises(DataError) as error:
         load_split_files(path)
-    assert one_line(error) == f"{path}, line 4: missing field 'label' (fields present: text, label)"
+    # "fields present" lists the fields that hold a value in that row; the empty label cell is not one
+    assert one_line(error) == f"{path}, line 4: missing field 'label' (fields present: text)"
 
 
 def test_text_must_be_a_string(tmp_path: Path) -> None:
@@ -448,6 +541,56 @@ def test_json_line_not_an_object(tmp_path: Path) -> None:
     with pytest.raises(DataError) as error:
         load_split_files(path)
     assert one_line(error) == f"{path}, line 1: expected a JSON object, got list"
+
+
+def test_malformed_json_line_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 1}\n{"text": "c" "label": 0}\n')
+    with pytest.raises(DataError) as error:
+        load_split_files(path)
+    assert one_line(error) == f"{path}, line 4: invalid JSON (Expecting ',' delimiter at column 14)"
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # no pyarrow traceback
+
+    array = tmp_path / "train.json"
+    array.write_text('[\n  {"text": "a", "label": 0},\n  {"text": "b", label: 1}\n]\n')
+    with pytest.raises(DataError) as error:
+        load_split_files(array)
+    assert one_line(error).startswith(f"{array}, line 3: invalid JSON")
+    array.write_text('[{"text": "a", "label": 0}, "b"]')
+    with pytest.raises(DataError) as error:
+        load_split_files(array)
+    assert one_line(error) == f"{array}, item 2: expected a JSON object, got str"
+
+
+def test_line_numbers_count_blank_lines_and_multiline_cells(tmp_path: Path) -> None:
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text('{"text": "a", "label": 0}\n\n\n{"text": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        load_split_files(jsonl)
+    assert one_line(error).startswith(f"{jsonl}, line 4: missing field 'label'")
+    table = tmp_path / "train.csv"
+    table.write_text('text,label\n"two\nlines",0\n\nc,\n', encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        load_split_files(table)
+    assert one_line(error).startswith(f"{table}, line 5: missing field 'label'")
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("train.csv", 'text,label\n"unterminated,1\n'),
+        ("train.csv", "text,label\na,1\nb,0,extra\n"),
+        ("train.parquet", "not a parquet file"),
+        ("train.jsonl", "\u00e9t\u00e9"),
+    ],
+)
+def test_malformed_files_give_one_line(tmp_path: Path, name: str, content: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content.encode("latin-1" if name.endswith(".jsonl") else "utf-8"))
+    with pytest.raises(DataError) as error:
+        load_split_files(path)
+    message = one_line(error)
+    assert message.startswith(f"{path}: ") and error.value.__cause__ is None
 
 
 def test_labels_needed_without_train(tmp_path: Path) -> None:
@@ -655,6 +798,7 @@ def test_collate_pads_to_longest(
 ) -> None:
     data = load_split_files(*sentiment_files)
     encoded = encode_rows(tokenizer, data["train"], data.task, max_length=16)
+    assert encoded.collator.tokenizer is tokenizer  # it has a pad token: transformers' collator pads
     batch = encoded.collator([encoded[0], encoded[2]])
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     assert batch["input_ids"].shape == (2, 6) and batch["input_ids"].dtype == torch.long

@@ -330,7 +330,13 @@ def test_misuse_and_unsupported_settings_are_refused(tmp_path):
     other = Trainer(model=make_model(), args=make_args(tmp_path), train_dataset=TRAIN)
     with pytest.raises(ValueError, match="different model"):
         APTCallback.attach(other, controller)
-    for setting, message in [({"fp16": True}, "fp16"), ({"activation_checkpointing": True}, "checkpointing")]:
+    for setting, message in [
+        ({"fp16": True}, "fp16"),
+        (
+            {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}},
+            "reentrant",
+        ),
+    ]:
         model = make_model()
         controller = APTController(model, CONFIG, total_steps=160, steps_per_epoch=20)
         trainer = Trainer(model=model, args=make_args(tmp_path, **setting), train_dataset=TRAIN)

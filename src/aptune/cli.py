@@ -87,6 +87,133 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- eval -------------------------------------------------------------------------------------------------
+
+
+def _eval_files(paths: Sequence[str]) -> list[tuple[str, Path]]:
+    """(kind, file) for each ``--data`` path: "text" (perplexity), "mc" (multiple choice) or "classification".
+    A folder stands for its test split (or its validation split when it has no test split)."""
+    from .tasks import peek_columns
+
+    out = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files = {f.stem: f for f in path.iterdir() if f.is_file()}
+            chosen = files.get("test") or files.get("validation")
+            if chosen is None:
+                raise FileNotFoundError(f"{path} holds no test or validation file")
+            path = chosen
+        if not path.is_file():
+            raise FileNotFoundError(f"no such data file: {name}")
+        columns = peek_columns(path) or set()
+        if {"question", "choices", "answer"} <= columns:
+            out.append(("mc", path))
+        elif "label" in columns:
+            out.append(("classification", path))
+        elif "text" in columns:
+            out.append(("text", path))
+        else:
+            raise ConfigError(
+                f"{path}: cannot tell what to evaluate from its columns ({', '.join(sorted(columns))}); "
+                "expected text (perplexity), question/choices/answer (multiple choice) or text/label"
+            )
+    return out
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Evaluate any saved model folder, dense or pruned, on text (perplexity), multiple choice or
+    classification files."""
+    import torch
+
+    from .compact import load_pruned
+    from .train import load_tokenizer
+
+    files = _eval_files(args.data)
+    model = load_pruned(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    results: dict[str, Any] = {"model": str(args.model), "results": {}}
+    for kind, path in files:
+        if kind == "classification":
+            from .data import PaddingCollator, encode_rows, load_split_files, make_dataloader
+            from .evaluate import accuracy
+
+            if not type(model).__name__.endswith("ForSequenceClassification"):
+                raise ConfigError(
+                    f"{path} is classification data but {type(model).__name__} is not a classifier"
+                )
+            data = load_split_files(test=path, labels=_model_labels(model))
+            encoded = encode_rows(tokenizer, data["test"], data.task, max_length=args.max_length)
+            loader = make_dataloader(
+                encoded, args.batch_size, collate_fn=PaddingCollator.from_tokenizer(tokenizer)
+            )
+            results["results"][str(path)] = {"accuracy": accuracy(model, loader, device)}
+            continue
+        if not type(model).__name__.endswith("ForCausalLM"):
+            raise ConfigError(f"{path} needs a causal language model, got {type(model).__name__}")
+        from .evaluate.lm import (
+            lm_eval_multiple_choice,
+            load_multiple_choice,
+            load_texts,
+            multiple_choice,
+            perplexity,
+        )
+
+        if kind == "text":
+            texts = load_texts(path, limit=args.limit)
+            r = perplexity(
+                model,
+                tokenizer,
+                texts,
+                max_length=args.max_length,
+                stride=args.stride,
+                batch_size=args.batch_size,
+                device=device,
+                progress=not args.json,
+            )
+            results["results"][str(path)] = {"perplexity": r.to_dict()}
+        else:
+            rows = load_multiple_choice(path, limit=args.limit)
+            r = multiple_choice(
+                model, tokenizer, rows, batch_size=args.batch_size, device=device, progress=not args.json
+            )
+            entry = {"multiple_choice": r.to_dict()}
+            if args.lm_eval:
+                entry["lm_eval"] = lm_eval_multiple_choice(
+                    model, tokenizer, path, batch_size=args.batch_size, limit=args.limit
+                )
+            results["results"][str(path)] = entry
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for name, entry in results["results"].items():
+        if "perplexity" in entry:
+            p = entry["perplexity"]
+            print(
+                f"{name}: perplexity {p['perplexity']:.3f} ({p['tokens']:,} tokens, window {p['window']}, "
+                f"stride {p['stride']})"
+            )
+        elif "accuracy" in entry:
+            print(f"{name}: accuracy {entry['accuracy']:.4f}")
+        else:
+            m = entry["multiple_choice"]
+            line = (
+                f"{name}: acc {m['acc']:.4f}, acc_norm {m['acc_norm']:.4f} ({m['n']} rows, {m['ties']} tied)"
+            )
+            if "lm_eval" in entry:
+                line += f"; lm-eval acc {entry['lm_eval']['acc']:.4f}, acc_norm {entry['lm_eval']['acc_norm']:.4f}"
+            print(line)
+    return 0
+
+
+def _model_labels(model) -> list:
+    id2label = getattr(model.config, "id2label", None) or {}
+    labels = [id2label[i] for i in sorted(id2label)]
+    return [int(x) if str(x).lstrip("-").isdigit() else x for x in labels]
+
+
 # -- train ------------------------------------------------------------------------------------------------
 
 
@@ -153,7 +280,7 @@ def build_configs(values: dict[str, Any]):
     if "adapter_targets" in apt_values:
         apt_values["adapter_targets"] = tuple(apt_values["adapter_targets"])
     train_values = {k: v for k, v in values.items() if k in train_keys}
-    for key in ("text_fields", "lora_targets"):
+    for key in ("text_fields", "lora_targets", "eval_mc"):
         if train_values.get(key) is not None:
             train_values[key] = tuple(train_values[key])
     return (
@@ -201,10 +328,28 @@ DEMO_DEFAULTS: dict[str, Any] = {
 def print_summary(report: dict[str, Any], output_dir: str) -> None:
     m = report["metrics"]
     before, after = report["params_before"], report["params_after"]
-    rows = [
-        ("method", report["method"]),
-        ("best validation accuracy", f"{m['best_validation']:.4f} (step {m['best_step']})"),
-        ("test accuracy at best", f"{m['test_at_best']:.4f}" if "test_at_best" in m else "n/a"),
+    metric = m.get("validation_metric", "accuracy")
+    rows = [("method", report["method"])]
+    if report.get("task", "classification") == "classification":
+        rows.append(("test accuracy at best", f"{m['test_at_best']:.4f}" if "test_at_best" in m else "n/a"))
+    else:
+        if "test_perplexity" in m:
+            detail = m["test_perplexity_detail"]
+            rows.append(
+                (
+                    "held-out perplexity",
+                    f"{m['test_perplexity']:.3f} (window {detail['window']}, stride {detail['stride']})",
+                )
+            )
+        for name, r in m.get("multiple_choice", {}).items():
+            rows.append(
+                (
+                    f"multiple choice {Path(name).parent.name}/{Path(name).stem}",
+                    f"acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} ({r['n']} rows)",
+                )
+            )
+    rows.insert(1, (f"best validation {metric}", f"{m['best_validation']:.4f} (step {m['best_step']})"))
+    rows += [
         ("density (prunable params)", f"{report['density']:.3f}"),
         ("prunable params", f"{before['prunable']:,} -> {after['prunable']:,}"),
         ("total params", f"{before['total']:,} -> {after['total']:,}"),
@@ -216,13 +361,23 @@ def print_summary(report: dict[str, Any], output_dir: str) -> None:
         from .evaluate import format_speedup
 
         inf = report["inference"]
+        kind = "prefill" if "decode" in inf else "inference"
         rows.append(
             (
-                f"inference, batch {inf['final']['batch_size']} x {inf['final']['length']}",
+                f"{kind}, batch {inf['final']['batch_size']} x {inf['final']['length']}",
                 f"{inf['final']['throughput']:.1f}/s vs dense {inf['dense']['throughput']:.1f}/s: "
                 f"{format_speedup(inf['speedup'], inf['speedup_spread'], inf['runs'])}",
             )
         )
+        if "decode" in inf:
+            d, tps = inf["decode"], inf["decode_tokens_per_s"]
+            rows.append(
+                (
+                    f"decoding, batch {d['final']['batch_size']}, {d['new_tokens']} new tokens",
+                    f"{tps['final']:.1f} vs dense {tps['dense']:.1f} tokens/s: "
+                    f"{format_speedup(d['speedup'], d['speedup_spread'], d['runs'])}",
+                )
+            )
     rows.append(("saved", f"{output_dir}/model and {output_dir}/report.json"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -243,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
 
     for name, func, text in (
-        ("train", _train, "fine-tune and prune a classifier; writes OUTPUT/model and OUTPUT/report.json"),
+        (
+            "train",
+            _train,
+            "fine-tune and prune a classifier or a causal LM; writes OUTPUT/model and OUTPUT/report.json",
+        ),
         (
             "demo",
             _demo,
@@ -258,6 +417,32 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_config_flags(p, BaselineConfig, "pruning baselines (lora-prune, loraprune, llm-pruner)")
         p.set_defaults(func=func)
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a saved model (dense or pruned): perplexity, multiple choice or classification accuracy",
+        description="Evaluate a saved model folder on data files. Each --data file is scored by what its rows "
+        "hold: text (perplexity, token-weighted, sliding windows), question/choices/answer (multiple choice by "
+        "log-likelihood: acc and acc_norm as lm-evaluation-harness computes them), or text/label (accuracy). A "
+        "folder stands for its test split.",
+    )
+    ev.add_argument("model", help="model folder (aptune.save_pruned output or any transformers folder)")
+    ev.add_argument("--data", nargs="+", required=True, help="data files or folders")
+    ev.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    ev.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="perplexity window; multiple-choice context (default 1024)",
+    )
+    ev.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the window)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--limit", type=int, default=None, help="rows per file (default: all)")
+    ev.add_argument(
+        "--lm-eval", action="store_true", help="also score multiple choice through lm-evaluation-harness"
+    )
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.set_defaults(func=_eval)
     from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 ADAPTER_ROLES = ("q", "k", "v", "o", "up", "gate", "down")
+RECIPES = ("auto", "gradual", "one-shot")
+SHAPES = ("per-layer", "uniform")
 
 
 class ConfigError(ValueError):
@@ -24,7 +26,10 @@ class APTConfig:
     target_density: float = 0.4
     initial_rank: int = 8
     max_rank: int = 64
-    adapter_targets: tuple[str, ...] = ("q", "v", "up")
+    # Fields left as None take the default of the model kind (see ``resolve``): encoders follow the paper's
+    # small-model recipe, decoders its LLaMA recipe (spec §2.4, §5.7).
+    recipe: str = "auto"  # gradual (encoders) | one-shot (decoders: calibrate, prune once, then tune)
+    adapter_targets: tuple[str, ...] | None = None  # default: q, v, up (encoders); q, v (decoders)
     train_head: bool = True  # train the task layers the task class adds (classifier, score), as PEFT does
     salience_start: int | None = None  # default: min(200, 5% of training)
     pruning_end: int | None = None  # default: 40% of training
@@ -32,11 +37,20 @@ class APTConfig:
     num_checkpoints: int = 10
     decay_window: int | None = None  # default: min(200, the shortest checkpoint interval)
     mask_step: float | None = None  # default: 1 / (decay_window / 2) so a drop finishes inside a window
+    initial_density: float | None = None  # one-shot: prune to this before the first step (default: target)
+    one_shot_batches: int = 32  # one-shot: training batches scored (forward and backward) before pruning
+    one_shot_micro_batch: int = (
+        1  # one-shot: rows per scoring pass (bounds the memory of the full-size model)
+    )
+    shape: str | None = (
+        None  # per-layer | uniform (same heads and FFN width in every layer); default per-layer
+    )
     ffn_multiple: int = 64
     head_multiple: int = 1  # kept heads (key/value head units) per layer: a multiple of this, 0, or all
     hidden_multiple: int = 1  # kept hidden channels: a multiple of this, or all
-    prune_hidden: bool = True
-    use_kurtosis: bool = False  # the outlier term in gradual pruning (docs/apt.md: measured off by default)
+    prune_hidden: bool | None = None  # default: True (encoders); False (decoders)
+    # the outlier term (docs/apt.md): default off in gradual pruning (measured), on in the decoders' one-shot
+    use_kurtosis: bool | None = None
     kurtosis_weight: float = 1.0  # the outlier term's mean, relative to the mean salience of its block type
     beta: float = 0.85
     tuning_expansion: float = 4.0
@@ -56,7 +70,19 @@ class APTConfig:
             raise ConfigError(
                 f"need 1 <= initial_rank <= max_rank, got {self.initial_rank} and {self.max_rank}"
             )
-        bad = [r for r in self.adapter_targets if r not in ADAPTER_ROLES]
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.shape is not None and self.shape not in SHAPES:
+            raise ConfigError(f"shape must be one of {', '.join(SHAPES)}, got {self.shape!r}")
+        if self.initial_density is not None and not self.target_density <= self.initial_density <= 1:
+            raise ConfigError(
+                f"initial_density must be in [target_density, 1] = [{self.target_density}, 1], "
+                f"got {self.initial_density}"
+            )
+        for name in ("one_shot_batches", "one_shot_micro_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        bad = [r for r in self.adapter_targets or () if r not in ADAPTER_ROLES]
         if bad:
             raise ConfigError(f"unknown adapter targets {bad}; choose from {', '.join(ADAPTER_ROLES)}")
         if self.num_checkpoints < 1:
@@ -79,37 +105,53 @@ class APTConfig:
         if self.mask_step is not None and not 0 < self.mask_step <= 1:
             raise ConfigError(f"mask_step must be in (0, 1], got {self.mask_step}")
 
-    def resolve(self, total_steps: int, steps_per_epoch: int) -> APTConfig:
-        """Fill the step counts left as None for a run of ``total_steps`` optimizer steps."""
+    def for_model(self, decoder: bool) -> APTConfig:
+        """Fill the fields whose default depends on the model kind (``decoder``: a causal language model)."""
+        recipe = self.recipe if self.recipe != "auto" else ("one-shot" if decoder else "gradual")
+        one_shot = recipe == "one-shot"
+        targets = self.adapter_targets
+        if targets is None:
+            targets = ("q", "v") if decoder else ("q", "v", "up")
+        return replace(
+            self,
+            recipe=recipe,
+            adapter_targets=tuple(targets),
+            initial_density=(self.initial_density or self.target_density) if one_shot else None,
+            shape=self.shape or "per-layer",
+            prune_hidden=(not decoder) if self.prune_hidden is None else self.prune_hidden,
+            use_kurtosis=one_shot if self.use_kurtosis is None else self.use_kurtosis,
+        )
+
+    def resolve(self, total_steps: int, steps_per_epoch: int, decoder: bool = False) -> APTConfig:
+        """Fill the fields left as None for a run of ``total_steps`` optimizer steps on a model of that kind."""
+        c = self.for_model(decoder)  # idempotent: fields already set stay
         if total_steps < 4:
             raise ConfigError(f"APT needs a run of at least a few steps, got {total_steps}")
-        start = (
-            self.salience_start if self.salience_start is not None else min(200, max(1, total_steps // 20))
-        )
+        start = c.salience_start if c.salience_start is not None else min(200, max(1, total_steps // 20))
         end = (
-            self.pruning_end
-            if self.pruning_end is not None
-            else max(start + self.num_checkpoints, int(0.4 * total_steps))
+            c.pruning_end
+            if c.pruning_end is not None
+            else max(start + c.num_checkpoints, int(0.4 * total_steps))
         )
         if not 0 <= start < end <= total_steps:
             raise ConfigError(
                 f"need 0 <= salience_start < pruning_end <= total steps, got {start}, {end}, {total_steps}"
             )
-        interval = (end - start) // self.num_checkpoints
+        interval = (end - start) // c.num_checkpoints
         if interval < 1:
             raise ConfigError("the pruning window is shorter than the number of checkpoints")
         warmup = (
-            self.warmup_end
-            if self.warmup_end is not None
+            c.warmup_end
+            if c.warmup_end is not None
             else min(start + steps_per_epoch, start + (end - start) // 4)
         )
-        window = self.decay_window if self.decay_window is not None else min(200, interval)
-        step = self.mask_step if self.mask_step is not None else min(1.0, 2.0 / window)
-        distill_end = self.distill_end if self.distill_end is not None else max(end, int(0.75 * total_steps))
+        window = c.decay_window if c.decay_window is not None else min(200, interval)
+        step = c.mask_step if c.mask_step is not None else min(1.0, 2.0 / window)
+        distill_end = c.distill_end if c.distill_end is not None else max(end, int(0.75 * total_steps))
         if distill_end < warmup:
             raise ConfigError(f"distill_end ({distill_end}) comes before the end of the warm-up ({warmup})")
         return replace(
-            self,
+            c,
             salience_start=start,
             pruning_end=end,
             warmup_end=warmup,
@@ -120,7 +162,8 @@ class APTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["adapter_targets"] = list(self.adapter_targets)
+        if self.adapter_targets is not None:
+            d["adapter_targets"] = list(self.adapter_targets)
         return d
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -136,7 +179,7 @@ class APTConfig:
         if unknown:
             raise ConfigError(f"unknown APT config keys {unknown}")
         d = dict(d)
-        if "adapter_targets" in d:
+        if d.get("adapter_targets") is not None:
             d["adapter_targets"] = tuple(d["adapter_targets"])
         return cls(**d)
 

@@ -24,6 +24,8 @@ pruned student) and when distillation ends. Removing them earlier degraded the t
 from __future__ import annotations
 
 import copy
+import itertools
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import add_adapters, rank_saliences
-from .arch import describe
+from .arch import describe, is_causal_lm
 from .budget import StructureShape, count_prunable
 from .compact import compact
 from .config import APTConfig
@@ -40,7 +42,7 @@ from .masks import StructuralMasks, apply_masks, remove_masks
 from .memory import release_memory
 from .salience import BlockScores, SalienceCollector, ema, ema_, outlier_scores, with_outliers
 from .schedule import adapter_budget, distill_weight, mask_decay_tensor, pruning_schedule
-from .selection import select_blocks
+from .selection import Selection, select_blocks, select_uniform
 from .tuner import adapter_params, grow_ranks, importance_of
 
 
@@ -49,7 +51,7 @@ class APTController:
 
     def __init__(self, model: nn.Module, config: APTConfig, total_steps: int, steps_per_epoch: int):
         self.model = model
-        self.config = config.resolve(total_steps, steps_per_epoch)
+        self.config = config.resolve(total_steps, steps_per_epoch, decoder=is_causal_lm(model))
         c = self.config
         for p in model.parameters():
             p.requires_grad_(False)
@@ -58,9 +60,19 @@ class APTController:
             for module in describe(model).new_heads.values():
                 for p in module.parameters():
                     p.requires_grad_(True)
+        initial = c.initial_density if c.recipe == "one-shot" else 1.0
         self.schedule = pruning_schedule(
-            c.salience_start, c.pruning_end, c.warmup_end, c.num_checkpoints, c.target_density, c.decay_window
+            c.salience_start,
+            c.pruning_end,
+            c.warmup_end,
+            c.num_checkpoints,
+            c.target_density,
+            c.decay_window,
+            initial_density=initial,
         )
+        # one-shot to the target leaves nothing to prune during training: only the ranks grow
+        self.prunes_in_training = initial > c.target_density
+        self.calibrated = c.recipe != "one-shot"
         self.base_params = count_prunable(StructureShape.of(describe(model)))
         self.initial_adapter_params = adapter_params(self.adapters)
         self.step = 0
@@ -156,20 +168,130 @@ class APTController:
         return alive
 
     @property
-    def collecting(self) -> bool:
+    def in_window(self) -> bool:
+        """Inside the pruning-and-tuning window: rank salience is gathered."""
         return self.config.salience_start <= self.step < self.config.pruning_end
+
+    @property
+    def collecting(self) -> bool:
+        """Block salience is gathered: inside the window, when blocks are still to be pruned."""
+        return self.prunes_in_training and self.in_window
+
+    # -- one-shot pruning before tuning (the decoder recipe) ------------------------------------------------
+    def calibrate(self, batches: Iterable[dict[str, Tensor]]) -> dict[str, Any]:
+        """Score blocks on the first ``one_shot_batches`` of ``batches`` and prune once to ``initial_density``
+        (spec §5.7).
+
+        Each batch runs forward *and* backward, in micro-batches of ``one_shot_micro_batch`` rows (the paper's
+        scripts score 1-2 examples at a time; it bounds the memory of this full-size pass), with the adapters
+        attached but not stepped (the released code runs forward only, so its gradient hooks never fire). The
+        per-micro-batch salience is summed, the outlier term (``use_kurtosis``) is added, blocks are selected
+        under the ``initial_density`` budget and removed physically before the first optimizer step, so
+        training runs on the smaller model. Returns a summary, also appended to ``history``.
+        """
+        c = self.config
+        if c.recipe != "one-shot":
+            raise RuntimeError("calibrate() is the one-shot recipe's first step; this run prunes gradually")
+        if self.calibrated:
+            raise RuntimeError("calibrate() already ran")
+        trainable = self.trainable_parameters()
+        batches = itertools.islice(batches, c.one_shot_batches)
+        total: BlockScores | None = None
+        inputs: tuple[list[Tensor | None], list[Tensor | None]] | None = None
+        n = rows = 0
+        for batch in _micro_batches(batches, c.one_shot_micro_batch):
+            self.collector.start()
+            loss = self.model(**batch).loss
+            loss.backward()
+            self.collector.stop()
+            if c.use_kurtosis:
+                heads, neurons = self.collector.mean_inputs()
+                if inputs is None:
+                    inputs = (heads, neurons)
+                else:  # the running mean over batches
+                    inputs = tuple(
+                        [_mean_of(o, x, n) for o, x in zip(old, new, strict=True)]
+                        for old, new in zip(inputs, (heads, neurons), strict=True)
+                    )
+            current = self.collector.scores()
+            if total is None:
+                total = current
+            else:
+                torch._foreach_add_(total.tensors(), current.tensors())
+            for p in trainable:
+                p.grad = None
+            n += 1
+            rows += len(batch["input_ids"]) if "input_ids" in batch else 1
+        if total is None:
+            raise ValueError("calibration got no batches")
+        if inputs is not None:
+            self.head_inputs, self.neuron_inputs = inputs
+        self.scores = total
+        shape = StructureShape.of(describe(self.model))
+        sel = self._select(shape, self.selection_scores(), c.initial_density)
+        for i, keep in enumerate(sel.heads):
+            self.masks.set_heads(i, keep.to(self.masks.heads[i]))
+        for i, keep in enumerate(sel.neurons):
+            self.masks.set_neurons(i, keep.to(self.masks.neurons[i]))
+        self.masks.set_hidden(sel.hidden.to(self.masks.hidden))
+        if self._has_pruned_blocks():
+            self.prune_physically()
+        if not self.prunes_in_training:
+            self.scores = None  # nothing more to select: the moving averages are not kept
+        self.calibrated = True
+        plan = StructureShape.of(describe(self.model)).plan_dict()
+        summary = {
+            "step": 0,
+            "scoring_passes": n,
+            "rows": rows,
+            "density": self.density(),
+            **{k: plan[k] for k in ("heads", "kv_heads", "neurons", "hidden")},
+        }
+        self.history.append(summary)
+        release_memory()
+        return summary
+
+    def _select(self, shape: StructureShape, scores: BlockScores, target: float) -> Selection:
+        """Blocks to keep under ``target`` (a density of the original structure), in the configured shape."""
+        c = self.config
+        budget = int(target * self.base_params)
+        if c.shape == "uniform":
+            return select_uniform(
+                shape,
+                [s.clamp(min=0) for s in scores.heads],
+                [s.clamp(min=0) for s in scores.neurons],
+                budget,
+                ffn_multiple=c.ffn_multiple,
+                head_multiple=c.head_multiple,
+            )
+        return select_blocks(
+            shape,
+            scores.heads,
+            scores.neurons,
+            scores.hidden,
+            target_params=budget,
+            ffn_multiple=c.ffn_multiple,
+            head_multiple=c.head_multiple,
+            prune_hidden=c.prune_hidden,
+            hidden_multiple=c.hidden_multiple,
+        )
 
     # -- the step ------------------------------------------------------------------------------------------
     def before_forward(self) -> None:
+        if not self.calibrated:
+            raise RuntimeError("the one-shot recipe prunes before training: call calibrate(batches) first")
         if self.collecting:
             self.collector.start()
         else:
             self.collector.stop()
 
     def after_backward(self) -> None:
-        if not self.collecting:
+        if not self.in_window:
             return
         beta = self.config.beta
+        self._blend_ranks(beta)
+        if not self.collecting:
+            return
         if self.config.use_kurtosis:
             heads, neurons = self.collector.mean_inputs()
             self.head_inputs = [_blend(o, n, beta) for o, n in zip(self.head_inputs, heads, strict=True)]
@@ -181,6 +303,9 @@ class APTController:
             self.scores = current
         else:
             self.scores.blend_(current, beta)
+        self.collector.stop()
+
+    def _blend_ranks(self, beta: float) -> None:
         # kept on the adapters' device: no host sync; fused kernels, not a few launches per adapter
         saliences = rank_saliences(self.adapters)
         history, current_ranks = [], []
@@ -191,7 +316,6 @@ class APTController:
                 history.append(old)
                 current_ranks.append(new)
         ema_(history, current_ranks, beta)
-        self.collector.stop()
 
     def after_step(self) -> bool:
         """Advance one step: move masks inside decay windows; at checkpoints prune physically and grow ranks.
@@ -205,7 +329,7 @@ class APTController:
         if self.schedule.is_checkpoint(self.step):
             changed = self._checkpoint()
         window = self.schedule.decay_window(self.step)
-        if window.active and self.scores is not None:
+        if window.active and self.prunes_in_training and self.scores is not None:
             self._decay_masks(window.target, last=window.is_last, window=window.checkpoint)
         if self.distiller is not None and self.step == self.config.distill_end:
             changed = self._end_distillation() or changed
@@ -235,18 +359,7 @@ class APTController:
 
     def _decay_masks(self, target: float, last: bool, window: int | None = None) -> None:
         shape = StructureShape.of(describe(self.model))
-        scores = self.selection_scores(window)
-        sel = select_blocks(
-            shape,
-            scores.heads,
-            scores.neurons,
-            scores.hidden,
-            target_params=int(target * self.base_params),
-            ffn_multiple=self.config.ffn_multiple,
-            head_multiple=self.config.head_multiple,
-            prune_hidden=self.config.prune_hidden,
-            hidden_multiple=self.config.hidden_multiple,
-        )
+        sel = self._select(shape, self.selection_scores(window), target)
         step = self.config.mask_step
         for i, keep in enumerate(sel.heads):
             self.masks.set_heads(i, mask_decay_tensor(self.masks.heads[i], keep, step, last))
@@ -461,6 +574,23 @@ class APTController:
             self.teacher_validation = saved["teacher_validation"]
             if saved.get("layer_sampler") is not None:
                 d.generator.set_state(saved["layer_sampler"])
+
+
+def _micro_batches(batches: Iterable[dict[str, Tensor]], rows: int) -> Iterable[dict[str, Tensor]]:
+    """Each batch cut into consecutive slices of at most ``rows`` rows."""
+    for batch in batches:
+        n = len(next(iter(batch.values())))
+        for start in range(0, n, rows):
+            yield {k: v[start : start + rows] for k, v in batch.items()}
+
+
+def _mean_of(previous: Tensor | None, current: Tensor | None, n: int) -> Tensor | None:
+    """The mean of ``n`` earlier vectors (``previous``) and ``current``."""
+    if current is None:
+        return previous
+    if previous is None:
+        return current
+    return (previous * n + current) / (n + 1)
 
 
 def _blend(previous: Tensor | None, current: Tensor | None, beta: float) -> Tensor | None:

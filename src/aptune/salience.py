@@ -226,7 +226,7 @@ class SalienceCollector:
     def _hook(self, acc: _Site, keep_total: bool):
         def hook(module, args):
             x = args[0]
-            if not self.active or not x.requires_grad:
+            if not self.active or not x.requires_grad or _recomputing():
                 return None
             w = self._weights(x)
             dims = tuple(range(x.dim() - 1))
@@ -320,6 +320,12 @@ class SalienceCollector:
             if proj is not None:
                 return proj.weight.device
         return torch.device("cpu")
+
+
+def _recomputing() -> bool:
+    """True inside a backward pass: a gradient-checkpointed block recomputing its forward. The block was
+    counted (and its gradient hook set) in the real forward, so the recomputation must not count it again."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _products(acts: list[Tensor], grads: list[Tensor], n: Tensor) -> list[Tensor]:

@@ -6,7 +6,8 @@ Everything here is a pure function of the training step (the optimizer-step coun
 
 * Density schedule (§5.1, §11.7): ``K`` checkpoints ``t_k = int(linspace(t_s, t_e, K+1))[1:]``; the target at
   ``t_k`` is ``min(1, rho_T + (1 - rho_T) * ((t_e - t_k) / (t_e - t_w)) ** 3)``, cubic in *density* with a
-  warm-up that ends at ``t_w``. Between checkpoints the target is piecewise constant.
+  warm-up that ends at ``t_w``. After a one-shot prune to ``rho_0`` before training (the decoder recipe, §5.7)
+  the schedule runs from ``rho_0`` instead of 1. Between checkpoints the target is piecewise constant.
 * Mask decay (§5.3): masks move by 0.01 per step inside a window of ``decay_window`` steps before each
   checkpoint and are hard-set to 0/1 on the last step of the window (the step just before ``t_k``).
 * Adapter budget (§6.3): linear from ``Delta_0`` at ``t_s`` to ``expansion * Delta_0`` at ``t_e``.
@@ -73,6 +74,7 @@ class PruningSchedule:
     target_density: float
     decay_steps: int = DEFAULT_DECAY_WINDOW
     first_window_from_start: bool = False
+    initial_density: float = 1.0  # the density before the first checkpoint (below 1 after a one-shot prune)
     checkpoints: tuple[int, ...] = field(init=False)
     targets: tuple[float, ...] = field(init=False)
     windows: tuple[tuple[int, int], ...] = field(init=False)
@@ -97,6 +99,9 @@ class PruningSchedule:
             raise ValueError(f"warmup_end_step ({t_w}) must lie in [start_step, end_step) = [{t_s}, {t_e})")
         if k < 1:
             raise ValueError(f"num_checkpoints must be >= 1, got {k}")
+        rho0 = self.initial_density
+        if not rho <= rho0 <= 1.0:
+            raise ValueError(f"initial_density must be in [target_density, 1] = [{rho}, 1], got {rho0}")
         if self.decay_steps < 1:
             raise ValueError(f"decay_window (decay_steps) must be >= 1, got {self.decay_steps}")
         # Exact int-truncated linspace(t_s, t_e, K+1)[1:] (floor == truncation for non-negative values).
@@ -109,7 +114,7 @@ class PruningSchedule:
                     f"({self.decay_steps}); use fewer checkpoints, a longer window or a shorter decay_window"
                 )
             previous = t
-        targets = tuple(min(1.0, rho + (1.0 - rho) * ((t_e - t) / (t_e - t_w)) ** 3) for t in steps)
+        targets = tuple(min(rho0, rho + (rho0 - rho) * ((t_e - t) / (t_e - t_w)) ** 3) for t in steps)
         windows = tuple((t - self.decay_steps, t - 1) for t in steps)
         first_open = t_s if self.first_window_from_start else max(t_s, steps[0] - self.decay_steps)
         windows = ((first_open, steps[0] - 1),) + windows[1:]
@@ -127,10 +132,10 @@ class PruningSchedule:
         return self.checkpoint_index(step) is not None
 
     def target_at(self, step: int) -> float:
-        """Density target in force at ``step``: 1.0 before ``start_step``, then the target of the next checkpoint
+        """Density target in force at ``step``: ``initial_density`` before ``start_step``, then the target of the next checkpoint
         at or after ``step``, and ``target_density`` after the last checkpoint."""
         if step < self.start_step:
-            return 1.0
+            return self.initial_density
         i = bisect_left(self.checkpoints, step)
         return self.targets[i] if i < len(self.targets) else self.target_density
 
@@ -163,6 +168,7 @@ def pruning_schedule(
     decay_window: int = DEFAULT_DECAY_WINDOW,
     *,
     first_window_from_start: bool = False,
+    initial_density: float = 1.0,
 ) -> PruningSchedule:
     """Build and validate a :class:`PruningSchedule` (raises ValueError/TypeError on bad arguments)."""
     return PruningSchedule(
@@ -173,6 +179,7 @@ def pruning_schedule(
         target_density,
         decay_window,
         first_window_from_start,
+        initial_density,
     )
 
 

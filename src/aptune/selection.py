@@ -199,3 +199,97 @@ def select_blocks(
     hidden = keep.get(("hidden", -1), torch.ones(shape.hidden, dtype=torch.bool)).to(hidden_scores.device)
     result = _resize(shape, families, counts)
     return Selection(heads, neurons, hidden, count_prunable(result), result)
+
+
+def uniform_options(
+    shape: StructureShape, ffn_multiple: int = 64, head_multiple: int = 1
+) -> list[tuple[int, int]]:
+    """The (head units, FFN neurons) pairs a uniform shape of ``shape`` may take, every layer alike: units a
+    multiple of ``head_multiple`` (or all), at least one; neurons a multiple of ``ffn_multiple`` (or all), at
+    least one group. Raises ValueError when the layers of ``shape`` differ (a uniform shape needs uniform
+    layers to start from)."""
+    units, neurons = set(shape.units), set(shape.neurons)
+    if len(units) != 1 or len(neurons) != 1 or 0 in units or 0 in neurons:
+        raise ValueError(
+            "a uniform shape needs every layer to start with the same heads and FFN width, got "
+            f"units {sorted(units)} and neurons {sorted(neurons)}"
+        )
+    u_max, f_max = units.pop(), neurons.pop()
+    us = sorted({*range(head_multiple, u_max + 1, head_multiple), u_max})
+    fs = sorted({*range(ffn_multiple, f_max + 1, ffn_multiple), f_max})
+    return [(u, f) for u in us for f in fs]
+
+
+def uniform_shape(shape: StructureShape, units: int, neurons: int) -> StructureShape:
+    """``shape`` with ``units`` head units and ``neurons`` FFN neurons in every layer."""
+    return StructureShape(
+        shape.hidden,
+        tuple(a.with_units(units) for a in shape.attention),
+        tuple(replace(f, neurons=neurons) for f in shape.ffn),
+    )
+
+
+def smallest_uniform_params(shape: StructureShape, ffn_multiple: int = 64, head_multiple: int = 1) -> int:
+    """The counted parameters of the smallest uniform shape (one head group, one FFN group per layer)."""
+    u, f = uniform_options(shape, ffn_multiple, head_multiple)[0]
+    return count_prunable(uniform_shape(shape, u, f))
+
+
+def select_uniform(
+    shape: StructureShape,
+    head_scores: list[Tensor],
+    neuron_scores: list[Tensor],
+    target_params: int,
+    ffn_multiple: int = 64,
+    head_multiple: int = 1,
+) -> Selection:
+    """Keep the same number of head units and FFN neurons in every layer, at most ``target_params`` counted.
+
+    The shape that stock runtimes (transformers, vLLM, llama.cpp) can load: one head count, one key/value head
+    count and one FFN width for the whole model. Of every aligned (units, neurons) pair that fits the budget,
+    the one keeping the largest total score is chosen; *which* units and neurons survive is then decided per
+    layer by score, so salience still decides what is kept. Hidden channels are all kept.
+
+    Raises ValueError when not even the smallest uniform shape fits ``target_params``.
+    """
+    if len(head_scores) != len(shape.attention) or len(neuron_scores) != len(shape.ffn):
+        raise ValueError("one score tensor per attention and per FFN site is needed")
+    heads = [
+        _check_scores(s, n, f"head_scores[{i}]")
+        for i, (s, n) in enumerate(zip(head_scores, shape.units, strict=True))
+    ]
+    neurons = [
+        _check_scores(s, n, f"neuron_scores[{i}]")
+        for i, (s, n) in enumerate(zip(neuron_scores, shape.neurons, strict=True))
+    ]
+    options = uniform_options(shape, ffn_multiple, head_multiple)
+    # cumulative kept score for each count: top-k sums per site, added over sites
+    head_sorted = [torch.sort(s, descending=True, stable=True) for s in heads]
+    neuron_sorted = [torch.sort(s, descending=True, stable=True) for s in neurons]
+    head_gain = sum(torch.cat([torch.zeros(1, dtype=torch.float64), v.cumsum(0)]) for v, _ in head_sorted)
+    neuron_gain = sum(torch.cat([torch.zeros(1, dtype=torch.float64), v.cumsum(0)]) for v, _ in neuron_sorted)
+    best: tuple[float, int, int, int] | None = None
+    for u, f in options:
+        params = count_prunable(uniform_shape(shape, u, f))
+        if params > target_params:
+            continue
+        gain = float(head_gain[u] + neuron_gain[f])
+        if best is None or (gain, params) > (best[0], best[3]):
+            best = (gain, u, f, params)
+    if best is None:
+        smallest = smallest_uniform_params(shape, ffn_multiple, head_multiple)
+        raise ValueError(
+            f"no uniform shape fits {target_params:,} parameters: the smallest (one head group and "
+            f"{options[0][1]} FFN neurons per layer) counts {smallest:,}"
+        )
+    _, u, f, params = best
+
+    def keep(order: Tensor, k: int, n: int) -> Tensor:
+        return torch.zeros(n, dtype=torch.bool).index_fill_(0, order[:k], True)
+
+    head_keep = [keep(o, u, len(o)).to(s.device) for (_, o), s in zip(head_sorted, head_scores, strict=True)]
+    neuron_keep = [
+        keep(o, f, len(o)).to(s.device) for (_, o), s in zip(neuron_sorted, neuron_scores, strict=True)
+    ]
+    hidden = torch.ones(shape.hidden, dtype=torch.bool)
+    return Selection(head_keep, neuron_keep, hidden, params, uniform_shape(shape, u, f))

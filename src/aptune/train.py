@@ -32,8 +32,9 @@ from torch import nn
 from .budget import param_report
 from .compact import save_pruned
 from .config import ADAPTER_ROLES, APTConfig, ConfigError
-from .evaluate import accuracy, compare_throughput, quiet_transformers
+from .evaluate import compare_throughput, quiet_transformers
 from .methods import BaselineConfig, build_method, check_supported, lr_factor, method_info, method_names
+from .tasks import TaskData
 
 METHODS = method_names()  # the registered methods (aptune.methods.register adds more)
 
@@ -42,12 +43,14 @@ METHODS = method_names()  # the registered methods (aptune.methods.register adds
 class TrainConfig:
     """Everything about a run except the APT knobs. CLI flags mirror these fields."""
 
-    model: str = ""
-    data: str | None = None  # a task name ("rt-polarity"), a folder of split files, or a hub name
+    model: str = ""  # a folder, a hub name, or a packaged model: "" / "minilm", "smollm2"
+    task: str | None = None  # classification | causal-lm; default: inferred from the data and the model
+    data: str | None = None  # a data set name ("rt-polarity"), a folder of split files, or a hub name
     train: str | None = None
     validation: str | None = None
     test: str | None = None
-    text_fields: tuple[str, ...] | None = None  # default: detected (text, sentence, premise+hypothesis, ...)
+    text_fields: tuple[str, ...] | None = None  # default: detected (text, sentence, premise+hypothesis, ...);
+    # for a causal LM, the one column of plain text to model
     label_field: str = "label"
     tokenizer: str | None = None  # defaults to the model folder
     output_dir: str = "runs/aptune"
@@ -64,7 +67,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (APT decides once per step)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     evals_per_epoch: int = 2
+    eval_stride: int | None = None  # causal LM: held-out perplexity stride (default max_length / 2)
+    eval_mc: tuple[str, ...] = ()  # causal LM: multiple-choice files scored at the end
+    eval_limit: int | None = None  # causal LM: rows per multiple-choice file (default: all)
     seed: int = 0
     mixed_precision: str = "no"  # "no" or "bf16"
     cpu: bool = False  # force CPU even when a GPU is present
@@ -77,7 +85,17 @@ class TrainConfig:
             raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.epochs <= 0 and not self.max_steps:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        for name in ("batch_size", "eval_batch_size", "max_length", "evals_per_epoch"):
+        if self.task is not None:
+            from .tasks import get_task
+
+            get_task(self.task)  # unknown names fail here
+        for name in (
+            "batch_size",
+            "eval_batch_size",
+            "max_length",
+            "evals_per_epoch",
+            "gradient_accumulation_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate is not None and self.learning_rate <= 0:
@@ -106,11 +124,20 @@ def peak_rss_mb() -> float:
 # -- loading --------------------------------------------------------------------------------------------
 
 
+PACKAGED_MODELS = ("minilm", "smollm2")  # names of the models that ship as PyPI packages (aptune.assets)
+
+
 def _resolve_model_path(name: str) -> str:
-    if not name:
+    """A model folder or hub name; "" or "minilm" is the packaged all-MiniLM-L6-v2, "smollm2" the packaged
+    SmolLM2-135M-Instruct (converted from its GGUF file once)."""
+    if not name or name == "minilm":
         from .assets import minilm_path
 
         return str(minilm_path())
+    if name == "smollm2":
+        from .assets import smollm2_path
+
+        return str(smollm2_path())
     path = Path(name)
     if path.exists():
         if not (path / "config.json").is_file():
@@ -133,34 +160,18 @@ def load_tokenizer(source: str):
 
 
 def load_classifier(source: str, labels: list, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
+    """An ``AutoModelForSequenceClassification`` with ``labels`` (see :mod:`aptune.tasks.classification`)."""
+    from .tasks.classification import load_classifier as load
 
-    id2label = {i: str(label) for i, label in enumerate(labels)}
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            source,
-            num_labels=len(labels),
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
-            dtype=dtype,
-        )
-    except OSError as e:
-        raise FileNotFoundError(f"could not load model {source!r}: {str(e).splitlines()[0]}") from None
+    return load(source, labels, dtype)
 
 
-def load_data(config: TrainConfig):
-    from .data import load_text_classification
+def resolve_task(config: TrainConfig, model_path: str):
+    """The task of this run: ``config.task``, or inferred from the data and the model."""
+    from .tasks import get_task, infer_task
 
-    if config.train is None and config.data is None:
-        raise ConfigError("pass --data NAME_OR_FOLDER, or --train FILE (with --validation FILE)")
-    return load_text_classification(
-        config.data,
-        train=config.train,
-        validation=config.validation,
-        test=config.test,
-        text_fields=config.text_fields,
-        label_field=config.label_field,
-    )
+    name = config.task or infer_task(config.data, config.train, model_path, config.label_field)
+    return get_task(name)
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -174,35 +185,24 @@ class Prepared:
     tokenizer: Any
     loaders: dict[str, Any]
     model_path: str
+    task: Any = None  # the run's :class:`aptune.tasks.Task`
+    data: Any = None  # its :class:`aptune.tasks.TaskData`
 
 
 def prepare(config: TrainConfig) -> Prepared:
-    from .data import PaddingCollator, encode_splits, make_dataloader
-
-    model_path = _resolve_model_path(config.model)
-    data = load_data(config)
-    if data.get("validation") is None:
-        raise ConfigError("a validation split is needed for evaluation and checkpoint selection")
-    tokenizer = load_tokenizer(config.tokenizer or model_path)
-    model = load_classifier(model_path, list(data.task.labels))
+    """Resolve the task, load and check the data, the tokenizer and the model (the model's family last:
+    an unsupported one fails before any training)."""
     from .arch import get_spec
 
-    check_supported(config.method, get_spec(model).family)  # unsupported families fail here, before training
-    encoded = encode_splits(tokenizer, data, max_length=config.max_length)
-    collate = PaddingCollator.from_tokenizer(tokenizer)
-    loaders = {
-        "train": make_dataloader(
-            encoded["train"], config.batch_size, shuffle=True, seed=config.seed, collate_fn=collate
-        )
-    }
-    # a separate shuffle for the methods that calibrate on training batches, so the training order stays put
-    loaders["calibration"] = make_dataloader(
-        encoded["train"], config.batch_size, shuffle=True, seed=config.seed + 1, collate_fn=collate
-    )
-    for split in ("validation", "test"):
-        if split in encoded:
-            loaders[split] = make_dataloader(encoded[split], config.eval_batch_size, collate_fn=collate)
-    return Prepared(model, tokenizer, loaders, model_path)
+    model_path = _resolve_model_path(config.model)
+    task = resolve_task(config, model_path)
+    tokenizer = load_tokenizer(config.tokenizer or model_path)
+    data = task.load_data(config, tokenizer)
+    model = task.load_model(model_path, data)
+    check_supported(config.method, get_spec(model).family)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Prepared(model, tokenizer, data.loaders, model_path, task, data)
 
 
 def _accelerator(config: TrainConfig):
@@ -239,13 +239,16 @@ def train(
     set_seed(config.seed)
     prepared = prepared or prepare(config)
     model, loaders = prepared.model, prepared.loaders
+    task = prepared.task or resolve_task(config, prepared.model_path)
+    data = prepared.data or TaskData(loaders)
     accelerator = _accelerator(config)
     device = accelerator.device
     model.to(device)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    steps_per_epoch = len(loaders["train"])
+    accumulate = config.gradient_accumulation_steps
+    steps_per_epoch = max(1, len(loaders["train"]) // accumulate)  # optimizer steps
     length = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
     dense_report = param_report(model)
@@ -255,18 +258,19 @@ def train(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()  # building a method may already prune (llm-pruner at step 0): timed
-    method = build_method(
-        config.method,
-        model,
-        total_steps=length,
-        steps_per_epoch=steps_per_epoch,
-        apt=apt,
-        baseline=baseline,
-        lora_rank=config.lora_rank,
-        lora_targets=config.lora_targets,
-        calibration=calibration,
-    )
+    started = time.perf_counter()  # building a method may already prune (one-shot APT, llm-pruner): timed
+    with accelerator.autocast():
+        method = build_method(
+            config.method,
+            model,
+            total_steps=length,
+            steps_per_epoch=steps_per_epoch,
+            apt=apt,
+            baseline=baseline,
+            lora_rank=config.lora_rank,
+            lora_targets=config.lora_targets,
+            calibration=calibration,
+        )
     model = method.model
     total = method.total_steps
     select_from = method.final_structure_step  # the best checkpoint is taken once the structure is final
@@ -276,66 +280,79 @@ def train(
 
     optimizer = new_optimizer(method.trainable_parameters())
     history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"validation": -1.0}
+    best: dict[str, Any] = {"validation": None}
     best_state: dict[str, torch.Tensor] | None = None
-    train_time = time.perf_counter() - started
+    setup_time = train_time = time.perf_counter() - started  # counted in the training time too
     eval_time = 0.0
     step = 0
     density, n_trainable = method.density(), sum(p.numel() for p in model.parameters() if p.requires_grad)
     progress = _Progress(total, config.progress)
     model.train()
-    while step < total:
-        for batch in loaders["train"]:
-            if step >= total:
-                break
-            started = time.perf_counter()
-            batch = {k: v.to(device) for k, v in batch.items()}
-            lr = config.lr * lr_factor(step, total, config.warmup_ratio, method.lr_restarts)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            method.before_forward()
-            with accelerator.autocast():
-                loss = method.compute_loss(batch)
-            accelerator.backward(loss)
-            method.after_backward()
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if method.after_step():
-                model = method.model
-                optimizer = new_optimizer(method.trainable_parameters())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_time += time.perf_counter() - started
-            evaluate_now = step % eval_every == 0 or step in (total, select_from)
-            if step % 10 == 0 or evaluate_now:  # bookkeeping off the hot path
-                density = method.density()
-                n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            progress.update(loss=float(loss.detach()), density=density, trainable=n_trainable)
 
-            if evaluate_now:
-                started = time.perf_counter()
-                val = accuracy(model, loaders["validation"], device)
-                eval_time += time.perf_counter() - started
-                method.observe_validation(val)
-                history.append(
-                    {
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        "train_time_s": train_time,
-                        "validation": val,
-                        "density": density,
-                        "trainable_params": n_trainable,
-                    }
-                )
-                progress.note(f"step {step}: validation {val:.4f}, density {density:.3f}")
-                if step >= select_from and val > best["validation"]:
-                    best = {"validation": val, "step": step}
-                    best_state = _trainable_state(model)
+    def micro_batches():
+        """Groups of ``accumulate`` training batches, epoch after epoch (a short last group is dropped)."""
+        while True:
+            group = []
+            for batch in loaders["train"]:
+                group.append(batch)
+                if len(group) == accumulate:
+                    yield group
+                    group = []
+
+    groups = micro_batches()
+    while step < total:
+        group = next(groups)
+        started = time.perf_counter()
+        lr = config.lr * lr_factor(step, total, config.warmup_ratio, method.lr_restarts)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        method.before_forward()  # salience is gathered over every micro-batch of this step
+        loss_sum = 0.0
+        for batch in group:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with accelerator.autocast():
+                loss = method.compute_loss(batch) / accumulate
+            accelerator.backward(loss)
+            loss_sum += float(loss.detach())
+        method.after_backward()  # decisions are taken once per optimizer step
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if method.after_step():
+            model = method.model
+            optimizer = new_optimizer(method.trainable_parameters())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time += time.perf_counter() - started
+        evaluate_now = step % eval_every == 0 or step in (total, select_from)
+        if step % 10 == 0 or evaluate_now:  # bookkeeping off the hot path
+            density = method.density()
+            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        progress.update(loss=loss_sum, density=density, trainable=n_trainable)
+
+        if evaluate_now:
+            started = time.perf_counter()
+            val = task.evaluate(model, loaders["validation"], device)
+            eval_time += time.perf_counter() - started
+            method.observe_validation(task.selection_score(val))
+            history.append(
+                {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "train_time_s": train_time,
+                    "validation": val,
+                    "density": density,
+                    "trainable_params": n_trainable,
+                }
+            )
+            progress.note(f"step {step}: validation {task.metric} {val:.4f}, density {density:.3f}")
+            if step >= select_from and task.better(val, best["validation"]):
+                best = {"validation": val, "step": step}
+                best_state = _trainable_state(model)
     progress.close()
 
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
@@ -344,21 +361,28 @@ def train(
     model = method.finish()
     for p in model.parameters():
         p.requires_grad_(False)
+    if config.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
     model.eval()
-    metrics = {"best_validation": best["validation"], "best_step": best.get("step")}
-    if "test" in loaders:
-        metrics["test_at_best"] = accuracy(model, loaders["test"], device)
+    metrics = {
+        "validation_metric": task.metric,
+        "best_validation": best["validation"],
+        "best_step": best.get("step"),
+    }
+    metrics.update(task.final_metrics(model, data, config, device, prepared.tokenizer))
     final_report = param_report(model)
     save_pruned(model, out / "model", tokenizer=prepared.tokenizer)
 
     report: dict[str, Any] = {
         "command": shlex.join(sys.argv),
+        "task": task.name,
         "method": config.method,
         "metrics": metrics,
         "density": final_report["density"],
         "params_before": dense_report,
         "params_after": final_report,
         "train_time_s": train_time,
+        "setup_time_s": setup_time,  # building the method: one-shot calibration and pruning, if any
         "eval_time_s": eval_time,
         "peak_memory_mb": peak_memory,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
@@ -374,14 +398,7 @@ def train(
         "environment": environment(device),
     }
     if config.measure_speed:
-        report["inference"] = compare_speed(
-            prepared.model_path,
-            model,
-            model.config.num_labels,
-            device,
-            batch_size=32,
-            length=config.max_length,
-        )
+        report["inference"] = task.compare_speed(prepared.model_path, model, data, config, device)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -410,16 +427,7 @@ def compare_speed(
         dense.config.pad_token_id = getattr(model.config, "pad_token_id", None)
     result = compare_throughput(dense, model, batch_size, length, warmup=warmup, runs=runs, device=device)
     del dense
-    return {
-        "dense": result.reference.to_dict(),
-        "final": result.candidate.to_dict(),
-        "speedup": result.speedup,
-        "speedup_spread": asdict(result.spread),
-        "ratios": result.ratios,
-        "order": result.order,
-        "warmup": warmup,
-        "runs": runs,
-    }
+    return result.report()
 
 
 def environment(device) -> dict[str, Any]:

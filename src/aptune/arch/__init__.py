@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedModelError",
     "describe",
     "get_spec",
+    "is_causal_lm",
 ]
 
 
@@ -52,3 +53,8 @@ def get_spec(model: nn.Module) -> ArchSpec:
 def describe(model: nn.Module) -> ModelStructure:
     """Describe the prunable structure of a loaded Hugging Face model."""
     return get_spec(model).describe(model)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal language model (a ``...ForCausalLM`` class): the decoder recipe applies."""
+    return type(model).__name__.endswith("ForCausalLM")

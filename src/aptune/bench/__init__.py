@@ -3,6 +3,8 @@
 Each method trains in its own process (``aptune train``), its final model is timed in another, and the
 results go to ``results.json``, ``results.md`` and PNG plots in the output folder. See :mod:`.cli` for the
 flags, :mod:`.metrics` for how time to accuracy is defined, :mod:`.inference` for inference memory.
+With ``task="causal-lm"`` (the ``cpu-lm`` preset) the train children also time prefill and decoding
+against the dense model and score held-out perplexity and multiple choice; no inference child runs.
 
     from aptune.bench import BenchConfig, run_bench
     results = run_bench(BenchConfig(methods=("full", "apt"), data="rt-polarity", output_dir="runs/b"))

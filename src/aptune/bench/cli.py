@@ -1,6 +1,7 @@
 """``aptune bench``: compare training methods side by side on one model and one task.
 
     aptune bench --preset cpu-small --output-dir runs/bench
+    aptune bench --preset cpu-lm --output-dir runs/bench-lm      # SmolLM2-135M on Brown, causal LM
     aptune bench --model runs/base --data my_task/ --methods full apt apt-nodistill \\
         --method-args full="--learning-rate 5e-5" --method-args apt="--learning-rate 1e-3 --initial-rank 16"
 
@@ -23,14 +24,36 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..config import ConfigError
-from .config import INFERENCE_DTYPES, PRESETS
+from .config import INFERENCE_DTYPES, PRESETS, TASKS
 
 S = argparse.SUPPRESS
 
 # dest, flags, type, help  (every default is SUPPRESS: only given flags override a preset or config file)
 _VALUE_FLAGS: tuple[tuple[str, tuple[str, ...], Any, str], ...] = (
-    ("model", ("--model",), str, "model folder or hub name (default: the packaged all-MiniLM-L6-v2)"),
-    ("data", ("--data",), str, "task name (rt-polarity), folder of split files, or hub dataset"),
+    (
+        "task",
+        ("--task",),
+        str,
+        f"{' or '.join(TASKS)}, passed to every `aptune train` child (default: classification)",
+    ),
+    (
+        "reference",
+        ("--reference",),
+        str,
+        "the method ratios are taken against (default: full for classification, lora for causal-lm)",
+    ),
+    (
+        "model",
+        ("--model",),
+        str,
+        "model folder or hub name; minilm or smollm2 for a packaged model (default: minilm)",
+    ),
+    (
+        "data",
+        ("--data",),
+        str,
+        "data set name (rt-polarity), folder of split files, folder name in shared/data (brown), or hub dataset",
+    ),
     ("train", ("--train",), str, "training split file"),
     ("validation", ("--validation",), str, "validation split file"),
     ("test", ("--test",), str, "test split file"),
@@ -54,6 +77,13 @@ _VALUE_FLAGS: tuple[tuple[str, tuple[str, ...], Any, str], ...] = (
         str,
         "extra `aptune train` flags for every method, e.g. --train-args='--warmup-ratio 0.1'",
     ),
+    (
+        "eval_stride",
+        ("--eval-stride",),
+        int,
+        "causal LM: held-out perplexity window stride (default: max length / 2)",
+    ),
+    ("eval_limit", ("--eval-limit",), int, "causal LM: rows scored per multiple-choice file (default: all)"),
     ("inference_batch_size", ("--inference-batch-size",), int, "inference batch size (default: 128)"),
     ("inference_length", ("--inference-length",), int, "inference sequence length (default: 128)"),
     (
@@ -89,7 +119,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=S,
         metavar="NAME",
-        help="variants to run, in order (default: full lora lora-prune loraprune llm-pruner apt apt-distill)",
+        help="variants to run, in order (default: full lora lora-prune loraprune llm-pruner apt apt-distill, "
+        "or the preset's)",
     )
     parser.add_argument(
         "--method-args",
@@ -100,6 +131,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for dest, names, kind, text in _VALUE_FLAGS:
         parser.add_argument(*names, dest=dest, type=kind, default=S, help=text)
+    parser.add_argument(
+        "--eval-mc",
+        nargs="+",
+        default=S,
+        metavar="FILE",
+        help="causal LM: multiple-choice files (question/choices/answer) scored at the end; a path, or one "
+        "relative to the shared data folder (mc/wikihow_goal.jsonl)",
+    )
     for dest, text in (
         ("cpu", "train on CPU even when a GPU is present"),
         ("resume", "skip methods whose report.json already exists in the output folder"),
@@ -144,8 +183,10 @@ def bench_command(args: argparse.Namespace, command: str | None = None) -> int:
     if args.list_methods:
         from .variants import variants
 
-        for name, flags in variants().items():
-            print(f"{name:16} aptune train {' '.join(flags)}")
+        registry = variants()
+        width = max(map(len, registry)) + 2
+        for name, flags in registry.items():
+            print(f"{name:{width}}aptune train {' '.join(flags)}")
         return 0
     config = config_from_args(args)
     from .session import RESULTS_JSON, RESULTS_MD, all_succeeded, run_bench

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from .variants import base_method, default_methods, variants
+from .variants import REFERENCES, base_method, default_methods, variants
 
 MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc ignores larger values on 64-bit systems
+TASKS = ("classification", "causal-lm")  # the tasks the bench has a report for (aptune.tasks)
+LM_ONLY = ("eval_stride", "eval_mc", "eval_limit")  # settings that only a causal-LM bench uses
 
 # Preset values, in one place so they are easy to tune. Explicit flags and config-file keys override them.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -63,6 +65,31 @@ PRESETS: dict[str, dict[str, Any]] = {
             "full": "--learning-rate 5e-5",
             "lora": "--learning-rate 5e-4",
             "apt": "--learning-rate 1e-3",
+        },
+    },
+    # The packaged SmolLM2-135M-Instruct on the Brown corpus (shared/data/brown: 450/25/25 documents) at
+    # density 0.7, on the CPU, for a fixed number of steps (an epoch is about 2300 steps of 4 x 128 tokens).
+    # Evaluation is the expensive part (sliding-window perplexity of the test split, 200 multiple-choice
+    # rows, prefill and decode timing against dense), so validation runs once at the end. Children run with
+    # a 1 MiB mmap threshold so the training peak RSS follows live tensors (and training is slower).
+    "cpu-lm": {
+        "task": "causal-lm",
+        "model": "smollm2",
+        "data": "brown",  # found as rt-polarity is: $APTUNE_SHARED_DATA, then shared/data near the checkout
+        "methods": ["lora", "apt", "apt-uniform", "llm-pruner"],
+        "epochs": 1.0,
+        "max_steps": 100,
+        "batch_size": 4,
+        "max_length": 128,
+        "evals_per_epoch": 1,
+        "target_density": 0.7,
+        "cpu": True,
+        "eval_stride": 64,
+        "eval_mc": ["mc/wikihow_goal.jsonl"],  # a path, or one relative to the shared data folder
+        "eval_limit": 200,
+        "mmap_threshold": 2**20,
+        "method_args": {
+            "lora": "--lora-targets q v gate",  # as in the APT paper's LLaMA LoRA baseline
         },
     },
 }
@@ -124,8 +151,35 @@ def _parse_methods(value: Any) -> tuple[str, ...]:
     return tuple(name.strip() for item in value for name in str(item).split(",") if name.strip())
 
 
+def _parse_paths(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{what} must be a list of file paths, got {value!r}")
+    return tuple(value)
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def find_shared(name: str) -> Path | None:
+    """``name`` when that path exists, else ``NAME`` inside the first shared data folder that holds it (the
+    folders rt-polarity is looked for in: ``$APTUNE_SHARED_DATA``, then ``shared/data`` next to the checkout
+    or the working directory); None when neither exists."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if path.is_absolute() or name.startswith((".", "~")):
+        return None
+    from ..data.rt_polarity import shared_data_candidates
+
+    for folder in shared_data_candidates():
+        if (folder / name).exists():
+            return folder / name
+    return None
 
 
 @dataclass(frozen=True)
@@ -133,8 +187,13 @@ class BenchConfig:
     """One benchmark: methods to compare and everything they share. Field names are the config-file keys."""
 
     methods: tuple[str, ...] = field(default_factory=default_methods)
-    model: str = ""  # a model folder or hub name; "" is the packaged all-MiniLM-L6-v2
-    data: str | None = None  # a task name ("rt-polarity"), a folder of split files, or a hub name
+    task: str = "classification"  # or causal-lm; passed to every `aptune train` child as --task
+    # the variant ratios are taken against; default per task: full (classification), lora (causal-lm)
+    reference: str | None = None
+    model: str = ""  # a model folder or hub name; "" (or "minilm") the packaged all-MiniLM-L6-v2, "smollm2"
+    # the packaged SmolLM2-135M-Instruct
+    data: str | None = None  # a data set name ("rt-polarity"), a folder of split files, a folder's name in
+    # the shared data folder ("brown"), or a hub name
     train: str | None = None
     validation: str | None = None
     test: str | None = None
@@ -150,6 +209,12 @@ class BenchConfig:
     cpu: bool = False
     train_args: tuple[str, ...] = ()  # extra `aptune train` flags for every method
     method_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # name -> extra flags
+    # causal LM only: held-out perplexity stride (default: max_length / 2), multiple-choice files (paths, or
+    # relative to the shared data folder) and the rows scored per file (default: all)
+    eval_stride: int | None = None
+    eval_mc: tuple[str, ...] = ()
+    eval_limit: int | None = None
+    # classification only: the inference child (a causal LM is timed by its train child, see docs/bench.md)
     inference_batch_size: int = 128
     inference_length: int = 128
     inference_dtype: str = "float32"
@@ -175,7 +240,9 @@ class BenchConfig:
         if not (isinstance(margs, Mapping) and all(isinstance(v, tuple) for v in margs.values())):
             margs = parse_method_args(margs)
         set_(self, "method_args", dict(margs))
+        set_(self, "eval_mc", _parse_paths(self.eval_mc, "eval_mc"))
         self._check_types()
+        self._check_task()
         self._check_methods()
         self._check_numbers()
         self._check_inputs()
@@ -201,6 +268,19 @@ class BenchConfig:
             if not ok:
                 raise ConfigError(f"{f.name} must be {kind.split(' ')[0]}, got {value!r}")
 
+    def _check_task(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.task != "causal-lm":
+            given = [name for name in LM_ONLY if getattr(self, name) not in (None, ())]
+            if given:
+                raise ConfigError(f"{', '.join(given)} only apply to --task causal-lm")
+
+    @property
+    def reference_method(self) -> str:
+        """The variant ratios are taken against: ``reference``, or the task's default."""
+        return self.reference or REFERENCES[self.task]
+
     def _check_methods(self) -> None:
         known = variants()
         if not self.methods:
@@ -214,6 +294,8 @@ class BenchConfig:
         for name in self.method_args:
             if name not in known:
                 raise ConfigError(f"method_args for unknown method {name!r}; choose from {', '.join(known)}")
+        if self.reference is not None and self.reference not in known:
+            raise ConfigError(f"unknown reference method {self.reference!r}; choose from {', '.join(known)}")
 
     def _check_numbers(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
@@ -234,6 +316,14 @@ class BenchConfig:
             raise ConfigError(
                 f"mmap_threshold must be between 0 and {MAX_MMAP_THRESHOLD} bytes (glibc's limit), "
                 f"got {self.mmap_threshold}"
+            )
+        for name in ("eval_stride", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.eval_stride is not None and self.eval_stride > self.max_length:
+            raise ConfigError(
+                f"eval_stride must be <= max_length ({self.max_length}), got {self.eval_stride}"
             )
         if self.inference_warmup < 0:
             raise ConfigError(f"inference_warmup must be >= 0, got {self.inference_warmup}")
@@ -273,6 +363,27 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and not Path(value).expanduser().is_file():
                 raise ConfigError(f"{name} file not found: {value}")
+        self.eval_mc_paths()  # a missing multiple-choice file fails here
+
+    def data_path(self) -> str | None:
+        """``data`` as the children get it: an existing path or ``rt-polarity`` as given; a name found in the
+        shared data folder (``brown``) as that folder's path; anything else as given (a hub name)."""
+        if self.data is None or self.data == "rt-polarity" or Path(self.data).expanduser().exists():
+            return self.data
+        found = find_shared(self.data)
+        return str(found.resolve()) if found is not None else self.data
+
+    def eval_mc_paths(self) -> tuple[str, ...]:
+        """The multiple-choice files, each an existing path or found in the shared data folder."""
+        paths = []
+        for name in self.eval_mc:
+            found = find_shared(name)
+            if found is None or not found.is_file():
+                raise ConfigError(
+                    f"multiple-choice file not found: {name} (not a file, nor in a shared data folder)"
+                )
+            paths.append(str(found.resolve()))
+        return tuple(paths)
 
     def flags_for(self, name: str) -> tuple[str, ...]:
         """Extra ``aptune train`` flags of one variant: those of its base method, then its own."""
@@ -285,6 +396,7 @@ class BenchConfig:
         d["methods"] = list(self.methods)
         d["train_args"] = list(self.train_args)
         d["method_args"] = {k: list(v) for k, v in self.method_args.items()}
+        d["eval_mc"] = list(self.eval_mc)
         return d
 
 

@@ -2,6 +2,7 @@
 
 Each runs as ``sys.executable -m ...`` so memory figures of one method never include another's. The
 inference child also times the dense starting model, interleaved with the trained one (``--reference``).
+A causal-LM bench has no inference child: its train child times prefill and decoding against dense itself.
 stdout is read line by line (for the live progress line) and kept in ``NAME.stdout.log``; stderr goes to
 ``NAME.stderr.log``, whose last lines become the error message when the child fails.
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 from .config import BenchConfig
 from .variants import variants
 
-EVAL_LINE = re.compile(r"step (\d+): validation ([-+0-9.eE]+), density ([-+0-9.eE]+)")
+# `step 40: validation accuracy 0.8123, density 0.412` (the metric's name is absent in older versions)
+EVAL_LINE = re.compile(r"step (\d+): validation (?:[A-Za-z_-]+ )?([-+0-9.eE]+), density ([-+0-9.eE]+)")
 ERROR_LINES = 12
 
 
@@ -40,18 +42,23 @@ class ChildResult:
 
 
 def parse_eval_line(line: str) -> tuple[int, float, float] | None:
-    """(step, validation, density) from a ``step N: validation X, density Y`` line of ``aptune train``."""
+    """(step, validation, density) from a ``step N: validation [METRIC] X, density Y`` line of ``aptune train``."""
     m = EVAL_LINE.search(line)
     return (int(m.group(1)), float(m.group(2)), float(m.group(3))) if m else None
 
 
 def train_command(config: BenchConfig, name: str, output_dir: Path, model_path: str) -> list[str]:
-    """The ``aptune train`` command of one variant; its extra flags come last so they win."""
+    """The ``aptune train`` command of one variant; its extra flags come last so they win.
+
+    A classification child skips its own speed measurement (the inference child times the model); a
+    causal-LM child keeps it (prefill and decoding against dense) and also gets the evaluation settings.
+    """
     cmd = [sys.executable, "-m", "aptune.cli", "train", *variants()[name], "--output-dir", str(output_dir)]
+    cmd += ["--task", config.task]
     if model_path:
         cmd += ["--model", model_path]
-    for key in ("data", "train", "validation", "test"):
-        value = getattr(config, key)
+    data = config.data_path()
+    for key, value in (("data", data), *((k, getattr(config, k)) for k in ("train", "validation", "test"))):
         if value is not None:
             cmd += [f"--{key}", str(value)]
     cmd += ["--epochs", repr(float(config.epochs))]
@@ -63,7 +70,17 @@ def train_command(config: BenchConfig, name: str, output_dir: Path, model_path: 
     cmd += ["--mixed-precision", config.mixed_precision]
     if config.cpu:
         cmd.append("--cpu")
-    cmd += ["--no-measure-speed", "--no-progress"]
+    if config.task == "causal-lm":
+        if config.eval_stride is not None:
+            cmd += ["--eval-stride", str(config.eval_stride)]
+        if config.eval_mc:
+            cmd += ["--eval-mc", *config.eval_mc_paths()]
+        if config.eval_limit is not None:
+            cmd += ["--eval-limit", str(config.eval_limit)]
+        cmd.append("--measure-speed")
+    else:
+        cmd.append("--no-measure-speed")
+    cmd.append("--no-progress")
     return cmd + list(config.flags_for(name))
 
 

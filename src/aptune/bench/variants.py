@@ -2,15 +2,26 @@
 
 Every method that ``aptune train --method`` accepts (:data:`aptune.train.METHODS`) is a variant of the same
 name, so a method registered there is runnable here without a change. Extra variants (the same method with
-other settings) are listed in :data:`EXTRA_VARIANTS`.
+other settings) are listed in :data:`EXTRA_VARIANTS`; among them a ``NAME-uniform`` variant of every method
+that honours ``--shape`` (:data:`SHAPED_METHODS`): the same method pruning to one shape for every layer
+(the same heads and FFN width everywhere, loadable by stock transformers) instead of per-layer widths.
 """
 
 from __future__ import annotations
+
+# Methods whose pruning follows `aptune train --shape` (per-layer, the default, or uniform).
+SHAPED_METHODS: tuple[str, ...] = ("apt", "llm-pruner", "loraprune")
+SHAPES: tuple[str, ...] = ("uniform",)  # shape variants besides the default per-layer one
 
 # Variants beyond one-per-method: name -> the flags of `aptune train` that make it.
 EXTRA_VARIANTS: dict[str, tuple[str, ...]] = {
     "apt-nodistill": ("--method", "apt", "--no-distill"),
     "apt-distill": ("--method", "apt", "--distill"),
+    **{
+        f"{method}-{shape}": ("--method", method, "--shape", shape)
+        for method in SHAPED_METHODS
+        for shape in SHAPES
+    },
 }
 
 # The side-by-side comparison run when no --methods are given (those not registered yet are left out).
@@ -24,7 +35,9 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "apt-distill",
 )
 
-REFERENCE = "full"  # time to accuracy and speed-ups are relative to this variant
+REFERENCE = "full"  # classification: time to accuracy and speed-ups are relative to this variant
+# the reference per task when none is configured: causal-LM ratios (perplexity, memory) are to dense LoRA
+REFERENCES: dict[str, str] = {"classification": REFERENCE, "causal-lm": "lora"}
 
 
 def variants() -> dict[str, tuple[str, ...]]:

@@ -1,17 +1,19 @@
 """Text classification data: task description, loading, tokenisation and batching.
 
 Loading
-    Splits come from local files (JSON lines ``.jsonl``, JSON ``.json`` holding either JSON lines or one
-    array of objects, comma-separated ``.csv``, tab-separated ``.tsv``; CSV/TSV files need a header row)
-    or, when the ``datasets`` package is installed and the network is reachable, from the Hugging Face
-    hub.
+    Splits come from local files, read with Hugging Face ``datasets`` (JSON lines ``.jsonl``, JSON
+    ``.json`` holding either JSON lines or one array of objects, comma-separated ``.csv``, tab-separated
+    ``.tsv``, ``.parquet``; CSV/TSV files need a header row and their cells are read as text, an empty
+    cell counting as a missing value), or, when the network is reachable, from the Hugging Face hub.
+    Local files are read afresh on every load, through a throw-away cache, so an edited file is never
+    served from a stale copy.
 
 Text fields
-    When ``text_fields`` is not given, it is detected from the columns of the first row of the training
-    split (or of the first split given when there is no training split). Sentence pairs are tried
-    first, in this order: ``premise`` + ``hypothesis``, ``sentence1`` + ``sentence2``,
-    ``question1`` + ``question2``, ``question`` + ``sentence``; then single texts: ``text``, then
-    ``sentence``. The first candidate whose columns are all present wins.
+    When ``text_fields`` is not given, it is detected from the columns of the training split (or of
+    the first split given when there is no training split). Sentence pairs are tried first, in this
+    order: ``premise`` + ``hypothesis``, ``sentence1`` + ``sentence2``, ``question1`` + ``question2``,
+    ``question`` + ``sentence``; then single texts: ``text``, then ``sentence``. The first candidate
+    whose columns are all present wins.
 
 Labels
     A label is an integer or a string. A string of decimal digits (such as ``"1"`` read from a CSV
@@ -23,11 +25,13 @@ Labels
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from transformers import DataCollatorWithPadding
 
 from aptune.data.errors import DataError, DataFileNotFoundError
 
@@ -44,7 +49,7 @@ Label = int | str
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """The split names this module knows, in the order they are loaded."""
 
-SUPPORTED_EXTENSIONS: tuple[str, ...] = (".jsonl", ".json", ".csv", ".tsv")
+SUPPORTED_EXTENSIONS: tuple[str, ...] = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 """File name endings that :func:`load_split_files` can read."""
 
 PAIR_TEXT_FIELDS: tuple[tuple[str, str], ...] = (
@@ -63,7 +68,7 @@ MODEL_INPUT_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_
 
 _INTEGER_STRING = re.compile(r"^[+-]?\d+$")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)?(:[A-Za-z0-9_.-]+)?$")
-_FILE_LIKE_SUFFIXES = (*SUPPORTED_EXTENSIONS, ".txt", ".parquet", ".arrow", ".gz", ".zip", ".bz2", ".xz")
+_FILE_LIKE_SUFFIXES = (*SUPPORTED_EXTENSIONS, ".txt", ".arrow", ".gz", ".zip", ".bz2", ".xz")
 _HUB_SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     "train": ("train",),
     "validation": ("validation", "validation_matched", "dev"),
@@ -155,8 +160,9 @@ class TextClassificationSplits:
 
     Attributes:
         task: The task description (text fields, label field, labels).
-        splits: Split name (``"train"``, ``"validation"``, ``"test"``) to its rows. Each row is the
-            record as read, with the label normalised (see the module docstring).
+        splits: Split name (``"train"``, ``"validation"``, ``"test"``) to its rows. Each row holds every
+            column of its split as read (None where the row has no value), with the label normalised
+            (see the module docstring).
         sources: Split name to where it was read from (a file path or a hub name), for messages.
     """
 
@@ -185,15 +191,36 @@ class TextClassificationSplits:
 
 
 @dataclass(frozen=True)
-class _Record:
-    """One raw row and where it came from (used in error messages)."""
+class _Split:
+    """The rows of one split, where they came from (a hub name or a file) and, for a file, its path."""
 
-    where: str
-    values: dict[str, Any]
+    source: str
+    rows: list[dict[str, Any]]
+    path: Path | None = None
+
+    def where(self, index: int) -> str:
+        """Names row ``index`` (0-based) in messages."""
+        return _row_location(self.path, index) if self.path else f"{self.source}, row {index + 1}"
 
 
 def _format_labels(labels: Iterable[Label]) -> str:
     return ", ".join(repr(label) for label in labels)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[Any]:
+    """Gives the ``datasets`` module with its progress bars and log messages off, then restores both."""
+    import datasets
+
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield datasets
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _check_file(path: Path) -> None:
@@ -208,66 +235,114 @@ def _check_file(path: Path) -> None:
         )
 
 
-def _read_json_lines(path: Path, text: str) -> Iterator[_Record]:
-    # Split on "\n" only: str.splitlines() would also split on characters such as U+2028 that JSON
-    # allows unescaped inside strings. A trailing "\r" is JSON whitespace.
-    for line_number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {line_number}"
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    """Reads every row of a data file with ``datasets``; raises :class:`DataError` on a bad or empty file."""
+    _check_file(path)
+    suffix = path.suffix.lower()
+    try:
+        with path.open("rb") as file:
+            if suffix == ".jsonl" and file.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+                raise ValueError("a JSON array in a JSON lines file")  # datasets would read it as an array
+        with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="aptune-data-") as cache:
+            builder = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}.get(suffix, "json")
+            options = _csv_options(path, datasets) if builder == "csv" else {}
+            # a throw-away cache, so that a file edited since the last load is always read afresh
+            loaded = datasets.load_dataset(
+                builder, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True, **options
+            )
+            rows = list(loaded)
+    except Exception as exc:  # datasets, pandas and pyarrow raise many kinds; the user gets one line
+        raise _unreadable(path, exc) from None
+    if not rows:
+        raise DataError(f"{path} is empty (no data rows)")
+    return rows
+
+
+def _csv_options(path: Path, datasets: Any) -> dict[str, Any]:
+    """Options for ``load_dataset("csv")`` that keep every cell as the text written, an empty one missing."""
+    import pandas
+
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    columns = pandas.read_csv(path, sep=delimiter, index_col=False, nrows=0).columns
+    return {
+        "delimiter": delimiter,
+        "features": datasets.Features({name: datasets.Value("string") for name in columns}),
+        "keep_default_na": False,  # "NA", "null", "None", ... are text like any other
+        "na_values": [""],
+        "index_col": False,  # surplus cells in a row are never taken for row labels
+    }
+
+
+def _unreadable(path: Path, error: Exception) -> DataError:
+    """The one-line error for a file that could not be loaded, naming the line at fault when it can."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet
+
+        with contextlib.suppress(Exception):
+            if pyarrow.parquet.read_metadata(path).num_rows == 0:
+                return DataError(f"{path} is empty (no data rows)")
+    else:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            return DataError(f"{path}: not valid UTF-8 text (byte {exc.start})")
+        except OSError as exc:
+            return DataError(f"{path}: cannot read the file ({exc.strerror or exc})")
+        if not text.strip() or (suffix in (".csv", ".tsv") and len(text.strip().splitlines()) < 2):
+            return DataError(f"{path} is empty (no data rows)")
+        if suffix in (".json", ".jsonl") and (problem := _json_problem(path, text)):
+            return DataError(problem)
+    cause = error.__cause__ or error
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else "no details"
+    return DataError(f"{path}: cannot read the file ({type(cause).__name__}: {reason})")
+
+
+def _json_problem(path: Path, text: str) -> str | None:
+    """The first fault in the text of a JSON file, as ``"<file>, line N: ..."``; None if none is found."""
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"{path}, line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
+        for number, item in enumerate(items, start=1):
+            if not isinstance(item, dict):
+                return f"{path}, item {number}: expected a JSON object, got {type(item).__name__}"
+        return None
+    for number, line in _numbered_lines(text):
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            return f"{path}, line {number}: invalid JSON ({exc.msg} at column {exc.colno})"
         if not isinstance(value, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
-        yield _Record(where, value)
+            return f"{path}, line {number}: expected a JSON object, got {type(value).__name__}"
+    return None
 
 
-def _read_json_array(path: Path, text: str) -> Iterator[_Record]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}, line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
-        ) from None
-    for item_number, item in enumerate(value, start=1):
-        where = f"{path}, item {item_number}"
-        if not isinstance(item, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
-        yield _Record(where, item)
+def _numbered_lines(text: str) -> list[tuple[int, str]]:
+    """The non-blank lines of a JSON lines text with their line numbers.
+
+    Split on "\\n" only: str.splitlines() would also split on characters such as U+2028 that JSON allows
+    unescaped inside strings. A trailing "\\r" is JSON whitespace.
+    """
+    return [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
-def _read_delimited(path: Path, text: str, delimiter: str) -> Iterator[_Record]:
-    # csv skips blank lines; an empty cell counts as a missing value (None), like a short row.
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        for row in reader:
-            values = {key: (value if value != "" else None) for key, value in row.items() if key is not None}
-            yield _Record(f"{path}, line {reader.line_num}", values)
-    except csv.Error as exc:
-        raise DataError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
-
-
-def _read_records(path: Path) -> list[_Record]:
-    """Reads every row of a data file; raises :class:`DataError` on a bad or empty file."""
-    _check_file(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 text (byte {exc.start})") from None
+def _row_location(path: Path, index: int) -> str:
+    """Names row ``index`` (0-based) of a data file as an editor counts: the line a JSON line is on or a
+    CSV row ends on (a quoted cell may span lines), the item number in a JSON array, the row in Parquet."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        records = list(_read_delimited(path, text, ","))
-    elif suffix == ".tsv":
-        records = list(_read_delimited(path, text, "\t"))
-    elif suffix == ".json" and text.lstrip().startswith("["):
-        records = list(_read_json_array(path, text))
-    else:
-        records = list(_read_json_lines(path, text))
-    if not records:
-        raise DataError(f"{path} is empty (no data rows)")
-    return records
+    text = "" if suffix == ".parquet" else path.read_text(encoding="utf-8-sig")
+    if suffix == ".json" and text.lstrip().startswith("["):
+        return f"{path}, item {index + 1}"
+    lines: list[int] = []
+    if suffix in (".csv", ".tsv"):
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        with contextlib.suppress(csv.Error):  # pandas read it; fall back to the row number if csv cannot
+            lines = [reader.line_num for record in reader if record][1:]  # not the header nor blank lines
+    elif suffix != ".parquet":
+        lines = [number for number, _ in _numbered_lines(text)]
+    return f"{path}, line {lines[index]}" if index < len(lines) else f"{path}, row {index + 1}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,8 +379,8 @@ def detect_text_fields(columns: Iterable[str], *, source: str = "the data") -> t
     )
 
 
-def _normalise_label(value: Any, where: str, label_field: str) -> Label:
-    """Turns a raw label into an int or a str (see the module docstring for the rules)."""
+def _normalise_label(value: Any) -> Label | None:
+    """Turns a raw label into an int or a str (see the module docstring); None if it cannot be a label."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
@@ -318,24 +393,28 @@ def _normalise_label(value: Any, where: str, label_field: str) -> Label:
             return int(stripped)
         if stripped:
             return value
-    raise DataError(f"{where}: field {label_field!r} must be an integer or a non-empty string, got {value!r}")
+    return None
 
 
-def _check_record(record: _Record, text_fields: Sequence[str], label_field: str) -> dict[str, Any]:
-    """Checks that a record has its text and label fields; returns a copy with the label normalised."""
-    values = record.values
+def _check_row(split: _Split, index: int, text_fields: Sequence[str], label_field: str) -> None:
+    """Checks that a row has its text and label fields, and normalises its label in place."""
+    row = split.rows[index]
     for name in (*text_fields, label_field):
-        if values.get(name) is None:
-            present = ", ".join(values) or "none"
-            raise DataError(f"{record.where}: missing field {name!r} (fields present: {present})")
+        if row.get(name) is None:
+            present = ", ".join(key for key, value in row.items() if value is not None) or "none"
+            raise DataError(f"{split.where(index)}: missing field {name!r} (fields present: {present})")
     for name in text_fields:
-        if not isinstance(values[name], str):
+        if not isinstance(row[name], str):
             raise DataError(
-                f"{record.where}: field {name!r} must be a string, got {type(values[name]).__name__}"
+                f"{split.where(index)}: field {name!r} must be a string, got {type(row[name]).__name__}"
             )
-    row = dict(values)
-    row[label_field] = _normalise_label(values[label_field], record.where, label_field)
-    return row
+    label = _normalise_label(row[label_field])
+    if label is None:
+        raise DataError(
+            f"{split.where(index)}: field {label_field!r} must be an integer or a non-empty string, "
+            f"got {row[label_field]!r}"
+        )
+    row[label_field] = label
 
 
 def _sorted_labels(labels: set[Label], source: str) -> tuple[Label, ...]:
@@ -350,49 +429,56 @@ def _sorted_labels(labels: set[Label], source: str) -> tuple[Label, ...]:
 
 
 def _build_splits(
-    records: Mapping[str, list[_Record]],
-    sources: Mapping[str, str],
+    splits: Mapping[str, _Split],
     *,
     text_fields: Sequence[str] | str | None,
     label_field: str,
     labels: Sequence[Label] | None,
 ) -> TextClassificationSplits:
-    """Validates raw records of each split and builds the task and its splits."""
-    if not records:
+    """Validates the rows of each split and builds the task and its splits."""
+    if not splits:
         raise DataError("no data given: pass at least a training file")
-    first_split = "train" if "train" in records else next(iter(records))
+    first = splits["train"] if "train" in splits else next(iter(splits.values()))
     if text_fields is None:
-        text_fields = detect_text_fields(records[first_split][0].values, source=sources[first_split])
+        text_fields = detect_text_fields(first.rows[0], source=first.source)
     elif isinstance(text_fields, str):
         text_fields = (text_fields,)
     text_fields = tuple(text_fields)
 
-    rows: dict[str, list[dict[str, Any]]] = {
-        name: [_check_record(record, text_fields, label_field) for record in split_records]
-        for name, split_records in records.items()
-    }
+    for split in splits.values():
+        for index in range(len(split.rows)):
+            _check_row(split, index, text_fields, label_field)
 
     explicit_labels = labels is not None
     if labels is None:
-        if "train" not in rows:
+        if "train" not in splits:
             raise DataError("cannot build the label list without a training split; pass labels explicitly")
-        labels = _sorted_labels({row[label_field] for row in rows["train"]}, sources["train"])
-        checked_splits = [name for name in rows if name != "train"]
+        labels = _sorted_labels({row[label_field] for row in splits["train"].rows}, splits["train"].source)
+        checked_splits = [name for name in splits if name != "train"]
     else:
-        labels = tuple(_normalise_label(label, "labels", "labels") for label in labels)
-        checked_splits = list(rows)
+        normalised = [_normalise_label(label) for label in labels]
+        if None in normalised:
+            bad = labels[normalised.index(None)]
+            raise DataError(f"labels must be integers or non-empty strings, got {bad!r}")
+        labels = tuple(normalised)  # type: ignore[arg-type]
+        checked_splits = list(splits)
     task = TextClassificationData(text_fields=text_fields, labels=tuple(labels), label_field=label_field)
 
     known = set(task.labels)
     origin = "the given labels" if explicit_labels else "the training split"
     for name in checked_splits:
-        for record, row in zip(records[name], rows[name], strict=True):
+        split = splits[name]
+        for index, row in enumerate(split.rows):
             if row[label_field] not in known:
                 raise DataError(
-                    f"{record.where}: unknown label {row[label_field]!r} (not in {origin}; "
+                    f"{split.where(index)}: unknown label {row[label_field]!r} (not in {origin}; "
                     f"known labels: {_format_labels(task.labels)})"
                 )
-    return TextClassificationSplits(task=task, splits=rows, sources=dict(sources))
+    return TextClassificationSplits(
+        task=task,
+        splits={name: split.rows for name, split in splits.items()},
+        sources={name: split.source for name, split in splits.items()},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,8 +498,8 @@ def load_split_files(
     """Loads a text classification task from local files, one per split.
 
     Args:
-        train: Training file (``.jsonl``, ``.json``, ``.csv`` or ``.tsv``). Needed unless ``labels`` is
-            given.
+        train: Training file (``.jsonl``, ``.json``, ``.csv``, ``.tsv`` or ``.parquet``). Needed unless
+            ``labels`` is given.
         validation: Optional validation file.
         test: Optional test file.
         text_fields: The text column(s); detected when None (see :func:`detect_text_fields`).
@@ -425,17 +511,16 @@ def load_split_files(
 
     Raises:
         DataFileNotFoundError: if a file does not exist.
-        DataError: for an unsupported extension, an empty file, a row without a needed field, or a
-            label that the training split (or ``labels``) does not have.
+        DataError: for an unsupported extension, an unreadable or empty file, a row without a needed
+            field, or a label that the training split (or ``labels``) does not have.
     """
     paths = {
         name: Path(path)
         for name, path in zip(SPLITS, (train, validation, test), strict=True)
         if path is not None
     }
-    records = {name: _read_records(path) for name, path in paths.items()}
-    sources = {name: str(path) for name, path in paths.items()}
-    return _build_splits(records, sources, text_fields=text_fields, label_field=label_field, labels=labels)
+    splits = {name: _Split(str(path), _read_file(path), path) for name, path in paths.items()}
+    return _build_splits(splits, text_fields=text_fields, label_field=label_field, labels=labels)
 
 
 def find_split_files(directory: str | os.PathLike[str]) -> dict[str, Path]:
@@ -498,6 +583,26 @@ def _hub_candidates(name: str) -> list[tuple[str, str | None]]:
     return candidates
 
 
+def load_hub_splits(name: str) -> Any:
+    """``datasets.load_dataset`` of a hub name, trying each reading of ``name`` (:func:`_hub_candidates`).
+
+    Raises:
+        DataError: "could not load '<name>' from the Hugging Face hub (no network?); ..." when ``datasets``
+            cannot be imported or every reading fails (the last error is the ``__cause__``).
+    """
+    try:
+        import datasets
+    except ImportError as exc:
+        raise _hub_error(name) from exc
+    last_error: Exception | None = None
+    for path, config in _hub_candidates(name):
+        try:
+            return datasets.load_dataset(path, config) if config else datasets.load_dataset(path)
+        except Exception as exc:  # no network, unknown name, ...: all end in the same clear message
+            last_error = exc
+    raise _hub_error(name) from last_error
+
+
 def load_hub_dataset(
     name: str,
     *,
@@ -505,7 +610,7 @@ def load_hub_dataset(
     label_field: str = "label",
     labels: Sequence[Label] | None = None,
 ) -> TextClassificationSplits:
-    """Loads a text classification task from the Hugging Face hub with the optional ``datasets`` package.
+    """Loads a text classification task from the Hugging Face hub with ``datasets.load_dataset``.
 
     ``name`` is tried as a data set name first; ``a/b`` is then tried as data set ``a`` with config ``b``
     (``glue/sst2``), and ``a:b`` always means data set ``a`` with config ``b``. Splits called
@@ -514,43 +619,21 @@ def load_hub_dataset(
 
     Raises:
         DataError: "could not load '<name>' from the Hugging Face hub (no network?); ..." when
-            ``datasets`` is not installed or loading fails (the original error is the ``__cause__``);
+            ``datasets`` cannot be imported or loading fails (the original error is the ``__cause__``);
             otherwise as :func:`load_split_files` for bad rows.
     """
-    try:
-        import datasets  # optional dependency
-    except ImportError as exc:
-        raise _hub_error(name) from exc
-
-    loaded: Any = None
-    last_error: Exception | None = None
-    for path, config in _hub_candidates(name):
-        try:
-            loaded = datasets.load_dataset(path, config) if config else datasets.load_dataset(path)
-            break
-        except Exception as exc:  # no network, unknown name, ...: all end in the same clear message
-            last_error = exc
-    if loaded is None:
-        raise _hub_error(name) from last_error
-
-    records: dict[str, list[_Record]] = {}
-    sources: dict[str, str] = {}
+    loaded = load_hub_splits(name)
+    splits: dict[str, _Split] = {}
     for split, aliases in _HUB_SPLIT_ALIASES.items():
         hub_split = next((alias for alias in aliases if alias in loaded), None)
         if hub_split is None:
             continue
-        where = f"{name} [{hub_split}]"
-        split_records = [
-            _Record(f"{where}, row {index}", dict(values))
-            for index, values in enumerate(loaded[hub_split], start=1)
-        ]
-        if not split_records or all(record.values.get(label_field) == -1 for record in split_records):
-            continue
-        records[split] = split_records
-        sources[split] = where
-    if "train" not in records and labels is None:
+        rows = [dict(values) for values in loaded[hub_split]]
+        if rows and any(row.get(label_field) != -1 for row in rows):
+            splits[split] = _Split(f"{name} [{hub_split}]", rows)
+    if "train" not in splits and labels is None:
         raise DataError(f"'{name}' has no usable training split; pass labels explicitly or local files")
-    return _build_splits(records, sources, text_fields=text_fields, label_field=label_field, labels=labels)
+    return _build_splits(splits, text_fields=text_fields, label_field=label_field, labels=labels)
 
 
 def load_text_classification(
@@ -618,18 +701,23 @@ def resolve_pad_token_id(tokenizer: Any) -> int:
 class PaddingCollator:
     """Pads a list of encoded examples to the longest one in the batch and stacks them into tensors.
 
-    ``input_ids`` are padded with ``pad_token_id``; ``attention_mask`` and ``token_type_ids`` with 0.
-    ``labels`` become a ``torch.long`` tensor of shape ``(batch,)``.
+    Given a ``tokenizer`` (as :meth:`from_tokenizer` does when the tokenizer has a padding token), this
+    is transformers' ``DataCollatorWithPadding``: the tokenizer pads. Otherwise (no tokenizer, or one
+    without a padding token, such as GPT-2's or LLaMA's), ``input_ids`` are padded with ``pad_token_id``
+    and ``attention_mask`` and ``token_type_ids`` with 0. Either way all values are ``torch.long``
+    tensors and ``labels`` has shape ``(batch,)``.
 
     Attributes:
         pad_token_id: Padding id for ``input_ids``.
         padding_side: ``"right"`` (pad after the tokens) or ``"left"``.
         pad_to_multiple_of: If set, the padded length is rounded up to a multiple of it (GPU-friendly).
+        tokenizer: The tokenizer that pads, or None; it takes no part in comparing collators.
     """
 
     pad_token_id: int = 0
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
+    tokenizer: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("right", "left"):
@@ -639,16 +727,20 @@ class PaddingCollator:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> PaddingCollator:
-        """A collator with the tokenizer's padding id and padding side."""
+        """A collator with the tokenizer's padding id and side, padding with the tokenizer if it can."""
         return cls(
             pad_token_id=resolve_pad_token_id(tokenizer),
             padding_side=getattr(tokenizer, "padding_side", "right") or "right",
             pad_to_multiple_of=pad_to_multiple_of,
+            tokenizer=tokenizer if getattr(tokenizer, "pad_token", None) is not None else None,
         )
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty batch")
+        if self.tokenizer is not None:
+            collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of)
+            return dict(collate(list(examples)))
         length = max(len(example["input_ids"]) for example in examples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -693,10 +785,11 @@ def encode_rows(
     task: TextClassificationData,
     max_length: int = 128,
 ) -> EncodedDataset:
-    """Tokenises rows of a task, truncating to ``max_length`` tokens without padding.
+    """Tokenises rows of a task with ``datasets.Dataset.map``, truncating to ``max_length`` tokens.
 
     Sentence pairs are encoded as pairs (``tokenizer(first, second)``, truncating the longer text
-    first), so BERT-style tokenizers add ``[SEP]`` between them and set ``token_type_ids``.
+    first), so BERT-style tokenizers add ``[SEP]`` between them and set ``token_type_ids``. Nothing is
+    padded here; the collator pads each batch.
 
     Args:
         tokenizer: Any Hugging Face ``PreTrainedTokenizerBase``.
@@ -710,20 +803,20 @@ def encode_rows(
     """
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
-    collator = PaddingCollator.from_tokenizer(tokenizer)
-    if not rows:
-        return EncodedDataset([], collator)
-    texts = [[row[name] for row in rows] for name in task.text_fields]
-    encoded = tokenizer(*texts, truncation=True, max_length=max_length, return_attention_mask=True)
-    keys = [key for key in MODEL_INPUT_KEYS if key in encoded]
     label2id = task.label2id
-    examples = []
-    for index, row in enumerate(rows):
-        example: dict[str, Any] = {key: list(encoded[key][index]) for key in keys}
-        label = row[task.label_field]
-        example["labels"] = label2id[label] if label in label2id else task.label_id(label)
-        examples.append(example)
-    return EncodedDataset(examples, collator)
+    raw_labels = [row[task.label_field] for row in rows]
+    labels = [label2id[label] if label in label2id else task.label_id(label) for label in raw_labels]
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        texts = [batch[name] for name in task.text_fields]
+        encoded = tokenizer(*texts, truncation=True, max_length=max_length, return_attention_mask=True)
+        return {key: encoded[key] for key in MODEL_INPUT_KEYS if key in encoded}
+
+    with _quiet_datasets() as datasets:
+        texts = datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in task.text_fields})
+        encoded = texts.map(tokenize, batched=True, remove_columns=list(task.text_fields))
+        examples = encoded.add_column("labels", labels).to_list()
+    return EncodedDataset(examples, PaddingCollator.from_tokenizer(tokenizer))
 
 
 def encode_splits(

@@ -151,6 +151,19 @@ class ComparisonResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def report(self) -> dict:
+        """The form training reports use: each model's median, the speed-up, its spread and the ratios."""
+        return {
+            "dense": self.reference.to_dict(),
+            "final": self.candidate.to_dict(),
+            "speedup": self.speedup,
+            "speedup_spread": asdict(self.spread),
+            "ratios": self.ratios,
+            "order": self.order,
+            "warmup": self.warmup,
+            "runs": self.runs,
+        }
+
 
 def _tensor_mb(model: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
@@ -169,6 +182,7 @@ def compare_throughput(
     seed: int = 0,
     vocab_size: int | None = None,
     timer: Timer = time.perf_counter,
+    call: Callable[[nn.Module, torch.Tensor, torch.Tensor], object] | None = None,
 ) -> ComparisonResult:
     """Time ``reference`` and ``candidate`` alternately and return the median of the per-pair speed-ups.
 
@@ -178,7 +192,8 @@ def compare_throughput(
     candidate, ... Each pair gives a ratio candidate throughput / reference throughput; the result holds the
     median ratio (``speedup``), its spread, and each model's median throughput. On CUDA the device is
     synchronized around every timed call. ``timer`` is the clock read around each timed call (a test may
-    pass a fake one).
+    pass a fake one). ``call(model, input_ids, attention_mask)`` replaces the forward pass that is timed
+    (e.g. a ``generate`` for decoding speed); throughputs stay in sequences per second.
     """
     _check_sizes(batch_size, length, runs, warmup)
     device = torch.device(device) if device is not None else next(candidate.parameters()).device
@@ -200,7 +215,10 @@ def compare_throughput(
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
         start = timer()
-        models[name](input_ids=ids, attention_mask=mask)
+        if call is None:
+            models[name](input_ids=ids, attention_mask=mask)
+        else:
+            call(models[name], ids, mask)
         if cuda:
             torch.cuda.synchronize(device)
         elapsed = timer() - start

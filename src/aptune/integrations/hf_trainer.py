@@ -32,15 +32,36 @@ How the controller's calls map onto one optimizer step of ``Trainer._inner_train
   inside the Trainer's accelerate ``AcceleratedOptimizer`` (or replaces ``trainer.optimizer`` when there is none),
   and any scheduler bound to the old optimizer object is re-pointed, so the schedule continues unchanged.
 
+Causal language models and TRL's ``SFTTrainer`` (``pip install aptune[trl]``) work the same way: the callback
+only sees the Trainer's events, so the Trainer's own loss (TRL's chunked LM head included), data collator and
+chat templates are used as they are. Only the adapters train: a causal LM's ``lm_head`` and (tied) embeddings
+stay frozen. Build the controller after the ``SFTTrainer``, which may load the model from a name, resize its
+embeddings for new tokens or patch its forward; do not pass it a ``peft_config`` (APT attaches its own adapters)::
+
+    trainer = SFTTrainer(model=model, args=SFTConfig(...), train_dataset=chats, processing_class=tokenizer)
+    total, per_epoch = training_steps(trainer)
+    controller = APTController(trainer.model, config, total_steps=total, steps_per_epoch=per_epoch)
+    APTCallback.attach(trainer, controller)
+    trainer.train()
+    model = controller.finish(); aptune.merge_adapters(model); aptune.save_pruned(model, path, tokenizer)
+
+Activation (gradient) checkpointing, which ``SFTConfig`` turns on by default, is supported in its non-reentrant
+form (transformers' default, and the only one TRL's selective checkpointing uses): the salience hooks skip a
+block that is recomputed inside the backward pass, so each block is counted once. Reentrant
+checkpointing (``use_reentrant=True``) is refused: its forward runs without gradients and the recomputation is
+where the activations would have to be read. A controller whose recipe prunes once before training (it is
+not ``calibrated`` yet) is calibrated at train begin on the Trainer's first training batches.
+
 Unsupported (refused with :class:`UnsupportedTrainerSetup` at bind and train-begin time): DeepSpeed, FSDP,
-fp16 loss scaling, multi-process or DataParallel training, gradient checkpointing, ``load_best_model_at_end``,
-``auto_find_batch_size``, layer-wise optimizers. Checkpoints the Trainer writes hold the model as it is (partly
-pruned, with adapters) but not the controller's state: resuming needs ``controller.load_state_dict`` on a model
-of the same structure.
+fp16 loss scaling, multi-process or DataParallel training, reentrant activation checkpointing,
+``load_best_model_at_end``, ``auto_find_batch_size``, layer-wise optimizers. Checkpoints the Trainer writes hold
+the model as it is (partly pruned, with adapters) but not the controller's state: resuming needs
+``controller.load_state_dict`` on a model of the same structure.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -50,6 +71,7 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from transformers import Trainer, TrainerCallback
 
+from ..arch import describe
 from ..controller import APTController
 
 
@@ -103,13 +125,12 @@ def _setup_problems(trainer: Trainer) -> list[str]:
             f"DataParallel over {args.n_gpu} GPUs: salience hooks would run on per-step replicas; "
             "restrict the run to one device (CUDA_VISIBLE_DEVICES)"
         )
-    model = getattr(trainer, "model", None)
-    if _flag(args, "activation_checkpointing", "gradient_checkpointing") or _flag(
-        model, "is_activation_checkpointing", "is_gradient_checkpointing"
-    ):
+    if _reentrant_checkpointing(args, getattr(trainer, "model", None)):
         problems.append(
-            "activation (gradient) checkpointing (args.activation_checkpointing or enabled on the model): "
-            "recomputed forward passes would run the salience hooks a second time"
+            "reentrant activation (gradient) checkpointing (use_reentrant=True, or a checkpoint function it "
+            "cannot recognise): its forward runs without gradients, so salience could only be read in the "
+            "recomputation; use the non-reentrant form: activation_checkpointing_kwargs={'use_reentrant': False} "
+            "(the default when no kwargs are given)"
         )
     if getattr(args, "load_best_model_at_end", False):
         problems.append(
@@ -121,6 +142,51 @@ def _setup_problems(trainer: Trainer) -> list[str]:
             "pruned model"
         )
     return problems
+
+
+def _args_reentrant(args: Any) -> bool:
+    """Whether the Trainer's arguments turn on reentrant activation checkpointing."""
+    if not _flag(args, "activation_checkpointing", "gradient_checkpointing"):
+        return False
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None)
+    if kwargs is None:
+        kwargs = getattr(args, "gradient_checkpointing_kwargs", None)
+    kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+    if kwargs.pop("selective", False):  # TRL's selective checkpointing forces the non-reentrant form
+        return False
+    for key in ("every_n_layers", "offload"):  # consumed by transformers, not passed to torch
+        kwargs.pop(key, None)
+    if not kwargs:  # transformers then passes use_reentrant=False
+        return False
+    reentrant = kwargs.get("use_reentrant")
+    return True if reentrant is None else bool(reentrant)  # torch's default is reentrant
+
+
+def _checkpointing_functions(model: Any) -> list[Any]:
+    """The checkpoint functions of the modules of ``model`` that checkpoint their forward now."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [
+        getattr(m, "_gradient_checkpointing_func", None)
+        for m in model.modules()
+        if getattr(m, "gradient_checkpointing", False) is True
+    ]
+
+
+def _model_reentrant(model: Any) -> bool:
+    """Whether a module of ``model`` checkpoints reentrantly (or with a function that cannot be recognised)."""
+    for func in _checkpointing_functions(model):
+        if isinstance(func, functools.partial):
+            reentrant = func.keywords.get("use_reentrant")
+            if reentrant is None or bool(reentrant):
+                return True
+        elif func is not None:  # torch's checkpoint without arguments, or something unknown
+            return True
+    return False
+
+
+def _reentrant_checkpointing(args: Any, model: Any) -> bool:
+    return _args_reentrant(args) or _model_reentrant(model)
 
 
 def check_supported(trainer: Trainer) -> None:
@@ -181,10 +247,7 @@ class APTCallback(TrainerCallback):
     def bind(self, trainer: Trainer) -> APTCallback:
         """Bind to ``trainer`` (adding the callback to it if needed); refuses unsupported setups. Returns self."""
         check_supported(trainer)
-        if getattr(trainer, "model", None) is not self.controller.model:
-            raise ValueError(
-                "the Trainer trains a different model object than the one the APTController adapts"
-            )
+        self._check_model(trainer)
         callbacks = trainer.callback_handler.callbacks
         others = [cb for cb in callbacks if isinstance(cb, APTCallback) and cb is not self]
         if others:
@@ -195,6 +258,19 @@ class APTCallback(TrainerCallback):
         return self
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _check_model(self, trainer: Trainer) -> None:
+        model = getattr(trainer, "model", None)
+        if model is self.controller.model:
+            return
+        message = "the Trainer trains a different model object than the one the APTController adapts"
+        base = getattr(model, "get_base_model", None)
+        if callable(base) and base() is self.controller.model:
+            message += (
+                f" (a {type(model).__name__} wrapping it: APT attaches its own adapters, so do not pass a "
+                "peft_config or a PEFT model to the Trainer)"
+            )
+        raise ValueError(message)
+
     def _bound(self) -> Trainer:
         if self.trainer is None:
             raise RuntimeError(
@@ -270,6 +346,44 @@ class APTCallback(TrainerCallback):
             vars(trainer).pop("_clip_grad_norm", None)
         self._clip_saved = None
 
+    def _calibrate(self, trainer: Trainer) -> None:
+        """Run the controller's one-shot pruning on the Trainer's first training batches, as it prepares them."""
+        c = self.controller
+        model = c.model
+        was_training = model.training
+        model.train()
+        batches = (
+            trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()
+        )  # calibrate() takes its n
+        with trainer.compute_loss_context_manager():
+            c.calibrate(batches)
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+        self._rebuild_optimizer()
+
+    def _warn_pretrained_trainable(self) -> None:
+        """Warn when embeddings or a pretrained head (a causal LM's ``lm_head``) would be trained."""
+        structure = describe(self.controller.model)
+        pretrained = {**structure.embedding_modules, **structure.head_modules}
+        for name in structure.new_heads:
+            pretrained.pop(name, None)
+        trainable = sorted(
+            {
+                f"{attr}.{n}"
+                for attr, module in pretrained.items()
+                for n, p in module.named_parameters()
+                if p.requires_grad and "lora_" not in n
+            }
+        )
+        if trainable:
+            warnings.warn(
+                f"pretrained embedding or head parameters are trainable and will be trained ({trainable[:3]}): "
+                "APT trains only adapters (and the task layers a task class adds); they were probably unfrozen "
+                "after the APTController was built, e.g. by resizing the embeddings for new tokens: build the "
+                "controller after the Trainer, or freeze them",
+                stacklevel=3,
+            )
+
     def _rebuild_optimizer(self) -> None:
         trainer = self._bound()
         wrapper, old = self._optimizers()
@@ -303,10 +417,7 @@ class APTCallback(TrainerCallback):
                 "use aptune.train for it, or pass APTConfig(distill=False) to silence this warning",
                 stacklevel=2,
             )
-        if trainer.model is not c.model:
-            raise ValueError(
-                "the Trainer trains a different model object than the one the APTController adapts"
-            )
+        self._check_model(trainer)
         if state.global_step != c.step:
             raise ValueError(
                 f"the Trainer starts at step {state.global_step} but the APT controller is at step {c.step}; "
@@ -336,7 +447,10 @@ class APTCallback(TrainerCallback):
                 )
         self._remember_groups(inner)
         self._backward_pending = False
+        self._warn_pretrained_trainable()
         self._wrap_clipping(trainer)
+        if getattr(c, "calibrated", True) is False:  # a recipe that prunes once before the first step
+            self._calibrate(trainer)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._backward_pending = True

@@ -58,7 +58,7 @@ class MethodInfo:
 def _apt(c: BuildContext) -> Method:
     from .apt import APT
 
-    return APT(c.model, c.apt, c.total_steps, c.steps_per_epoch)
+    return APT(c.model, c.apt, c.total_steps, c.steps_per_epoch, c.calibration)
 
 
 def _full(c: BuildContext) -> Method:

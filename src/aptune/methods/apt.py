@@ -9,17 +9,28 @@ from torch import Tensor, nn
 from ..adapter import merge_adapters
 from ..config import APTConfig
 from ..controller import APTController
-from .base import Method
+from .base import Calibration, Method
 
 
 class APT(Method):
     name = "apt"
 
-    def __init__(self, model: nn.Module, config: APTConfig, total_steps: int, steps_per_epoch: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: APTConfig,
+        total_steps: int,
+        steps_per_epoch: int,
+        calibration: Calibration | None = None,
+    ):
         super().__init__(model, total_steps)
         self.controller = APTController(
             model, config, total_steps=total_steps, steps_per_epoch=steps_per_epoch
         )
+        if not self.controller.calibrated:  # the one-shot recipe prunes before the first step
+            if calibration is None:
+                raise ValueError("the one-shot recipe needs calibration batches")
+            self.controller.calibrate(calibration())
         self.final_structure_step = self.controller.final_structure_step
         self.history = self.controller.history
 

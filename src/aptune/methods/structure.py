@@ -18,7 +18,7 @@ from ..arch import describe
 from ..budget import StructureShape, count_prunable
 from ..compact import compact
 from ..masks import StructuralMasks
-from ..selection import Selection, select_blocks
+from ..selection import Selection, select_blocks, select_uniform
 
 # linear -> (per-weight scores shaped like its weight, per-bias scores or None), or None if it adds nothing
 ElementScores = Callable[[nn.Module], tuple[Tensor, Tensor | None] | None]
@@ -74,11 +74,21 @@ def select_under_budget(
     neuron_scores: list[Tensor],
     density: float,
     ffn_multiple: int,
+    shape_kind: str | None = None,
 ) -> Selection:
-    """Heads and neurons to keep so that the counted parameters are at most ``density`` of the original."""
+    """Heads and neurons to keep so that the counted parameters are at most ``density`` of the original;
+    ``shape_kind="uniform"`` keeps the same heads and FFN width in every layer (:func:`select_uniform`)."""
     structure = describe(model)
     shape = StructureShape.of(structure)
     target = int(density * base_params(model))
+    if shape_kind == "uniform":
+        return select_uniform(
+            shape,
+            [s.clamp(min=0) for s in head_scores],
+            [s.clamp(min=0) for s in neuron_scores],
+            max(1, target),
+            ffn_multiple=ffn_multiple,
+        )
     return select_blocks(
         shape,
         [s.clamp(min=0) for s in head_scores],
@@ -104,8 +114,9 @@ def prune_to_budget(
     neuron_scores: list[Tensor],
     density: float,
     ffn_multiple: int,
+    shape_kind: str | None = None,
 ) -> Selection:
     """Select under the budget and remove the other heads and neurons physically (in place)."""
-    selection = select_under_budget(model, head_scores, neuron_scores, density, ffn_multiple)
+    selection = select_under_budget(model, head_scores, neuron_scores, density, ffn_multiple, shape_kind)
     compact(model, selection_masks(selection))
     return selection

@@ -41,7 +41,7 @@ class LLMPruner(PruningBaseline):
     def _prune(self) -> None:
         heads, neurons = taylor_scores(self.model, self.calibration_sample())
         selection = prune_to_budget(
-            self.model, heads, neurons, self.apt.target_density, self.apt.ffn_multiple
+            self.model, heads, neurons, self.apt.target_density, self.apt.ffn_multiple, self.apt.shape
         )
         self.history.append({"step": self.step, "density": self.density(), "params": selection.params})
 

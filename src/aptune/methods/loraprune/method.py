@@ -68,7 +68,9 @@ class LoRAPrune(PruningBaseline):
         if k is None or self.heads is None or self.neurons is None:
             return False
         density = cubic_density(k, self.baseline.iterative_steps, self.apt.target_density)
-        sel = prune_to_budget(self.model, self.heads, self.neurons, density, self.apt.ffn_multiple)
+        sel = prune_to_budget(
+            self.model, self.heads, self.neurons, density, self.apt.ffn_multiple, self.apt.shape
+        )
         self.heads = [s[keep.cpu()] for s, keep in zip(self.heads, sel.heads, strict=True)]
         self.neurons = [s[keep.cpu()] for s, keep in zip(self.neurons, sel.neurons, strict=True)]
         self.history.append({"step": self.step, "density": self.density(), "target": density})

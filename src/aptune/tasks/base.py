@@ -1,0 +1,69 @@
+"""What a task is: the model class it loads, how rows become batches, its loss, and the validation metric.
+
+The training loop (:func:`aptune.train`) and ``aptune bench`` only talk to a :class:`Task`. A task's batches
+carry ``labels`` in the form its model class scores, so the model's own loss is the task loss (cross-entropy
+over classes for classification; next-token cross-entropy over the labelled tokens for a causal LM). A task
+adds what is specific to it: the metric that picks the best checkpoint (and whether higher is better), the
+metrics of the final model, and the inference-speed comparison against the dense starting model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..train import TrainConfig
+
+
+@dataclass
+class TaskData:
+    """The loaders of one run and what the task learned about the data (labels, format, ...)."""
+
+    loaders: dict[str, Any]  # train, calibration, validation and (when present) test
+    info: dict[str, Any] = field(default_factory=dict)
+    raw: Any = None  # the task's own view of the splits (texts for perplexity, ...)
+
+
+class Task:
+    """Base class of a task. Subclasses set the class attributes and implement the methods."""
+
+    name = "base"
+    metric = "metric"  # the validation metric that picks the best checkpoint
+    greater_is_better = True
+    auto_class = "AutoModel"  # the transformers auto class that loads the model
+
+    def load_data(self, config: TrainConfig, tokenizer: Any) -> TaskData:
+        raise NotImplementedError
+
+    def load_model(self, source: str, data: TaskData, dtype: torch.dtype = torch.float32) -> nn.Module:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> float:
+        """The validation metric of ``model`` over ``loader``."""
+        raise NotImplementedError
+
+    def final_metrics(
+        self, model: nn.Module, data: TaskData, config: TrainConfig, device: torch.device, tokenizer: Any
+    ) -> dict[str, Any]:
+        """Metrics of the final (compacted) model, e.g. on the test split."""
+        return {}
+
+    def compare_speed(
+        self, dense_path: str, model: nn.Module, data: TaskData, config: TrainConfig, device: torch.device
+    ) -> dict[str, Any]:
+        """Inference speed of the final model against the dense starting model."""
+        return {}
+
+    def better(self, value: float, than: float | None) -> bool:
+        """Whether ``value`` beats ``than`` (None: anything does)."""
+        if than is None:
+            return True
+        return value > than if self.greater_is_better else value < than
+
+    def selection_score(self, value: float) -> float:
+        """The metric as "higher is better", for methods that compare validation results."""
+        return value if self.greater_is_better else -value

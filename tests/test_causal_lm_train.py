@@ -1,0 +1,255 @@
+"""``aptune train`` and ``aptune eval`` on the causal-LM task, with a tiny LLaMA and an offline tokenizer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from tiny_lm import tiny_causal_lm, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import aptune
+from aptune.cli import main
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "birds",
+    "sing",
+    "in",
+    "morning",
+    "park",
+    "ran",
+]
+
+
+def sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "."
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory):
+    """A tiny causal LM with its tokenizer, a plain-text data folder and a chat data folder."""
+    root = tmp_path_factory.mktemp("lm")
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(vocab_size=len(tok), initializer_range=0.05, intermediate_size=64)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = random.Random(0)
+    for split, n in (("train", 40), ("validation", 6), ("test", 6)):
+        (root / "text").mkdir(exist_ok=True)
+        docs = [{"id": i, "text": " ".join(sentence(rng) for _ in range(4))} for i in range(n)]
+        (root / "text" / f"{split}.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+        (root / "chat").mkdir(exist_ok=True)
+        chats = [
+            {
+                "messages": [
+                    {"role": "user", "content": sentence(rng)},
+                    {"role": "assistant", "content": sentence(rng)},
+                ]
+            }
+            for _ in range(n)
+        ]
+        (root / "chat" / f"{split}.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    mc = [
+        {"question": sentence(rng), "choices": [sentence(rng) for _ in range(3)], "answer": rng.randrange(3)}
+        for _ in range(8)
+    ]
+    (root / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in mc))
+    return root
+
+
+BASE = [
+    "--max-length",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-batch-size",
+    "4",
+    "--no-progress",
+    "--no-measure-speed",
+]
+APT = [
+    "--salience-start",
+    "2",
+    "--pruning-end",
+    "12",
+    "--num-checkpoints",
+    "2",
+    "--ffn-multiple",
+    "8",
+    "--one-shot-batches",
+    "2",
+]
+
+
+def train(root, data: str, *extra: str) -> dict:
+    out = root / f"run-{abs(hash((data, extra)))}"
+    argv = ["train", "--model", str(root / "model"), "--data", str(root / data), "--output", str(out)]
+    assert main(argv + BASE + list(extra)) == 0
+    report = json.loads((out / "report.json").read_text())
+    report["out"] = out
+    return report
+
+
+@pytest.mark.parametrize("shape", ["per-layer", "uniform"])
+def test_apt_prunes_a_causal_lm_once_then_tunes_and_the_result_reloads(lm_folder, shape):
+    report = train(
+        lm_folder,
+        "text",
+        "--epochs",
+        "2",
+        "--density",
+        "0.6",
+        "--shape",
+        shape,
+        *APT,
+        "--learning-rate",
+        "3e-3",
+    )
+    assert report["task"] == "causal-lm"  # inferred: a lone text column
+    assert report["apt_config"]["recipe"] == "one-shot" and report["apt_config"]["adapter_targets"] == [
+        "q",
+        "v",
+    ]
+    assert report["method_history"][0]["step"] == 0  # pruned before the first optimizer step
+    before, after = report["params_before"], report["params_after"]
+    assert after["prunable"] <= int(0.6 * before["prunable"])
+    assert report["method_history"][0]["density"] == pytest.approx(after["prunable"] / before["prunable"])
+    m = report["metrics"]
+    assert m["validation_metric"] == "perplexity" and m["best_validation"] > 1
+    assert m["test_perplexity"] > 1 and m["test_perplexity_detail"]["stride"] == 16
+    history = [h["validation"] for h in report["history"]]
+    assert min(history) < history[0] or len(history) == 1  # tuning lowers the validation perplexity
+    model_dir = report["out"] / "model"
+    if shape == "uniform":
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # stock transformers
+    else:
+        model = aptune.load_pruned(model_dir)
+    tok = tiny_tokenizer()
+    ids = torch.tensor([tok("the quick brown fox")["input_ids"]])
+    reloaded = aptune.load_pruned(model_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reloaded(ids).logits)
+
+
+def test_chat_data_trains_on_assistant_tokens_and_baselines_share_the_task(lm_folder):
+    apt = train(lm_folder, "chat", "--epochs", "2", "--density", "0.6", *APT, "--max-length", "128")
+    assert apt["task"] == "causal-lm" and apt["metrics"]["best_validation"] > 1
+    assert "test_perplexity_blocks" in apt["metrics"]
+    lora = train(lm_folder, "chat", "--epochs", "1", "--method", "lora", "--max-length", "128")
+    assert lora["params_after"]["prunable"] == lora["params_before"]["prunable"]
+    pruner = train(
+        lm_folder,
+        "chat",
+        "--epochs",
+        "1",
+        "--method",
+        "llm-pruner",
+        "--density",
+        "0.6",
+        "--ffn-multiple",
+        "8",
+        "--calibration-batches",
+        "2",
+        "--shape",
+        "uniform",
+        "--max-length",
+        "128",
+    )
+    assert pruner["params_after"]["prunable"] <= int(0.6 * pruner["params_before"]["prunable"])
+    model = AutoModelForCausalLM.from_pretrained(pruner["out"] / "model")
+    assert model.config.num_key_value_heads in (1, 2)
+
+
+def test_gradient_accumulation_and_checkpointing_train(lm_folder):
+    report = train(
+        lm_folder,
+        "text",
+        "--epochs",
+        "2",
+        "--density",
+        "0.6",
+        *APT,
+        "--gradient-accumulation-steps",
+        "2",
+        "--gradient-checkpointing",
+        "--batch-size",
+        "2",
+    )
+    assert report["steps_per_epoch"] == report["steps"] // 2
+    assert report["params_after"]["prunable"] <= int(0.6 * report["params_before"]["prunable"])
+
+
+def test_eval_command_scores_text_and_multiple_choice(lm_folder, capsys):
+    model_dir = lm_folder / "model"
+    assert (
+        main(
+            [
+                "eval",
+                str(model_dir),
+                "--data",
+                str(lm_folder / "text"),
+                str(lm_folder / "mc.jsonl"),
+                "--max-length",
+                "32",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    results = list(out["results"].values())
+    assert results[0]["perplexity"]["perplexity"] > 1 and results[0]["perplexity"]["window"] == 32
+    assert results[1]["multiple_choice"]["n"] == 8
+
+
+@pytest.mark.parametrize(
+    "data, extra, message",
+    [
+        ("cls", ["--task", "causal-lm"], "looks like classification"),
+        ("text", ["--task", "classification"], "label"),
+        ("noassistant", [], "no assistant turn"),
+        ("chat", ["--tokenizer", "NOTEMPLATE"], "no chat template"),
+        ("text", ["--shape", "uniform", "--density", "0.02"], "no uniform shape"),
+        ("chat", ["--max-length", "8"], "raise --max-length"),
+    ],
+)
+def test_bad_input_is_one_line_before_training(lm_folder, data, extra, message, capsys, tmp_path):
+    (lm_folder / "cls").mkdir(exist_ok=True)
+    for split in ("train", "validation"):
+        (lm_folder / "cls" / f"{split}.jsonl").write_text(
+            '{"text": "good film", "label": 1}\n{"text": "bad", "label": 0}\n'
+        )
+    (lm_folder / "noassistant").mkdir(exist_ok=True)
+    for split in ("train", "validation"):
+        (lm_folder / "noassistant" / f"{split}.jsonl").write_text(
+            json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        )
+    if "NOTEMPLATE" in extra:
+        tiny_tokenizer(chat_template=False).save_pretrained(tmp_path / "tok")
+        extra = ["--tokenizer", str(tmp_path / "tok")]
+    argv = [
+        "train",
+        "--model",
+        str(lm_folder / "model"),
+        "--data",
+        str(lm_folder / data),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv + BASE + APT + list(extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar: one line
+    assert err.startswith("aptune train: error:") and message in err, err
