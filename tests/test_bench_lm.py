@@ -11,7 +11,7 @@ import random
 import shutil
 
 import pytest
-from tiny_lm import tiny_causal_lm, tiny_tokenizer
+from tiny_lm import mc_rows, write_jsonl, write_lm_folder
 
 from aptune.bench import metrics
 from aptune.bench.cli import main
@@ -22,59 +22,12 @@ from aptune.bench.session import resolve_model
 from aptune.bench.variants import base_method, variants
 from aptune.config import ConfigError
 
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "dog",
-    "cat",
-    "sat",
-    "on",
-    "mat",
-    "birds",
-    "sing",
-    "in",
-    "morning",
-    "park",
-    "ran",
-]
-
-
-def _sentence(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "."
-
-
-def _mc_rows(rng: random.Random, n: int) -> str:
-    rows = [
-        {
-            "question": _sentence(rng),
-            "choices": [_sentence(rng) for _ in range(3)],
-            "answer": rng.randrange(3),
-        }
-        for _ in range(n)
-    ]
-    return "\n".join(json.dumps(r) for r in rows)
-
 
 @pytest.fixture(scope="module")
 def lm_task(tmp_path_factory):
     """A tiny causal LM folder (with its tokenizer), a text data folder and a multiple-choice file."""
     root = tmp_path_factory.mktemp("benchlm")
-    tok = tiny_tokenizer()
-    model = tiny_causal_lm(vocab_size=len(tok), initializer_range=0.05, intermediate_size=64)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rng = random.Random(0)
-    (root / "text").mkdir()
-    for split, n in (("train", 24), ("validation", 4), ("test", 4)):
-        docs = [{"id": i, "text": " ".join(_sentence(rng) for _ in range(4))} for i in range(n)]
-        (root / "text" / f"{split}.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
-    (root / "mc.jsonl").write_text(_mc_rows(rng, 8))
-    return root
+    return write_lm_folder(root, (("train", 24), ("validation", 4), ("test", 4)), chat=False)
 
 
 @pytest.fixture
@@ -85,7 +38,7 @@ def shared(tmp_path, monkeypatch):
     (folder / "mc").mkdir()
     for split in ("train", "validation", "test"):
         (folder / "brown" / f"{split}.jsonl").write_text(json.dumps({"id": 0, "text": "a b c."}) + "\n")
-    (folder / "mc" / "wikihow_goal.jsonl").write_text(_mc_rows(random.Random(1), 2))
+    write_jsonl(folder / "mc" / "wikihow_goal.jsonl", mc_rows(random.Random(1), 2))
     monkeypatch.setenv("APTUNE_SHARED_DATA", str(folder))
     return folder
 

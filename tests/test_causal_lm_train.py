@@ -3,72 +3,20 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
-from tiny_lm import tiny_causal_lm, tiny_tokenizer
+from tiny_lm import tiny_tokenizer, write_lm_folder
 from transformers import AutoModelForCausalLM
 
 import aptune
 from aptune.cli import main
 
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "dog",
-    "cat",
-    "sat",
-    "on",
-    "mat",
-    "birds",
-    "sing",
-    "in",
-    "morning",
-    "park",
-    "ran",
-]
-
-
-def sentence(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "."
-
 
 @pytest.fixture(scope="module")
 def lm_folder(tmp_path_factory):
-    """A tiny causal LM with its tokenizer, a plain-text data folder and a chat data folder."""
-    root = tmp_path_factory.mktemp("lm")
-    tok = tiny_tokenizer()
-    model = tiny_causal_lm(vocab_size=len(tok), initializer_range=0.05, intermediate_size=64)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rng = random.Random(0)
-    for split, n in (("train", 40), ("validation", 6), ("test", 6)):
-        (root / "text").mkdir(exist_ok=True)
-        docs = [{"id": i, "text": " ".join(sentence(rng) for _ in range(4))} for i in range(n)]
-        (root / "text" / f"{split}.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
-        (root / "chat").mkdir(exist_ok=True)
-        chats = [
-            {
-                "messages": [
-                    {"role": "user", "content": sentence(rng)},
-                    {"role": "assistant", "content": sentence(rng)},
-                ]
-            }
-            for _ in range(n)
-        ]
-        (root / "chat" / f"{split}.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
-    mc = [
-        {"question": sentence(rng), "choices": [sentence(rng) for _ in range(3)], "answer": rng.randrange(3)}
-        for _ in range(8)
-    ]
-    (root / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in mc))
-    return root
+    """A tiny causal LM with its tokenizer, a plain-text data folder, a chat data folder and an MC file."""
+    return write_lm_folder(tmp_path_factory.mktemp("lm"))
 
 
 BASE = [
@@ -253,3 +201,37 @@ def test_bad_input_is_one_line_before_training(lm_folder, data, extra, message, 
     assert main(argv + BASE + APT + list(extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar: one line
     assert err.startswith("aptune train: error:") and message in err, err
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("lora-prune", ["--epochs", "1", "--pretune-epochs", "1", "--calibration-batches", "2"]),
+        ("loraprune", ["--epochs", "2", "--iterative-steps", "2"]),
+    ],
+)
+def test_the_other_pruning_baselines_run_on_the_causal_lm_task(lm_folder, method, extra):
+    report = train(lm_folder, "text", "--method", method, "--density", "0.6", "--ffn-multiple", "8", *extra)
+    assert report["task"] == "causal-lm" and report["metrics"]["best_validation"] > 1
+    assert report["params_after"]["prunable"] <= int(0.6 * report["params_before"]["prunable"])
+
+
+def test_an_unsupported_model_family_is_one_line(lm_folder, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=320)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
+    argv = [
+        "train",
+        "--model",
+        str(tmp_path / "gpt2"),
+        "--data",
+        str(lm_folder / "text"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv + BASE) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("aptune train: error:") and "does not support" in err, err

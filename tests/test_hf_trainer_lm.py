@@ -31,6 +31,7 @@ SLACK = 0.06  # the tiny model's blocks are coarse: one FFN group of 8 neurons i
 GRADUAL = {"recipe": "gradual"} if "recipe" in {f.name for f in fields(aptune.APTConfig)} else {}
 CONFIG = aptune.APTConfig(
     target_density=TARGET,
+    shape="per-layer",  # the tiny model's uniform shapes are too coarse to land near the target
     ffn_multiple=8,
     prune_hidden=False,
     salience_start=2,
@@ -202,7 +203,9 @@ def test_one_shot_recipe_is_calibrated_on_the_trainers_batches(tmp_path):
     args = TrainingArguments(**common_args(tmp_path))
     collator = DataCollatorForSeq2Seq(tok, padding=True)
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tok), data_collator=collator)
-    config = aptune.APTConfig(recipe="one-shot", target_density=TARGET, ffn_multiple=8, num_checkpoints=2)
+    config = aptune.APTConfig(
+        recipe="one-shot", target_density=TARGET, shape="per-layer", ffn_multiple=8, num_checkpoints=2
+    )
     total, per_epoch = training_steps(trainer)
     controller = APTController(model, config, total_steps=total, steps_per_epoch=per_epoch)
     assert not controller.calibrated

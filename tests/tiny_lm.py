@@ -84,3 +84,83 @@ def tiny_causal_lm(vocab_size: int | None = None, seed: int = 0, **overrides) ->
         }
     )
     return LlamaForCausalLM(config).eval()
+
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "birds",
+    "sing",
+    "in",
+    "morning",
+    "park",
+    "ran",
+]
+
+
+def sentence(rng) -> str:
+    """A random sentence of 6 to 14 words from :data:`WORDS`."""
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "."
+
+
+def mc_rows(rng, n: int, choices: int = 3) -> list[dict]:
+    """``n`` multiple-choice rows ``{question, choices, answer}`` of random sentences."""
+    return [
+        {
+            "question": sentence(rng),
+            "choices": [sentence(rng) for _ in range(choices)],
+            "answer": rng.randrange(choices),
+        }
+        for _ in range(n)
+    ]
+
+
+def write_jsonl(path, rows) -> None:
+    import json
+
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def write_lm_folder(
+    root, sizes=(("train", 40), ("validation", 6), ("test", 6)), chat: bool = True, mc: int = 8
+):
+    """Under ``root``: ``model/`` (a tiny causal LM with the tiny tokenizer), ``text/`` (plain-text splits of
+    four-sentence documents), ``chat/`` (one user and one assistant turn per row, when ``chat``) and
+    ``mc.jsonl`` (``mc`` multiple-choice rows). Returns ``root``."""
+    import random
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(vocab_size=len(tok), initializer_range=0.05, intermediate_size=64)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = random.Random(0)
+    for split, n in sizes:
+        (root / "text").mkdir(exist_ok=True)
+        write_jsonl(
+            root / "text" / f"{split}.jsonl",
+            [{"id": i, "text": " ".join(sentence(rng) for _ in range(4))} for i in range(n)],
+        )
+        if chat:
+            (root / "chat").mkdir(exist_ok=True)
+            turns = [
+                {
+                    "messages": [
+                        {"role": "user", "content": sentence(rng)},
+                        {"role": "assistant", "content": sentence(rng)},
+                    ]
+                }
+                for _ in range(n)
+            ]
+            write_jsonl(root / "chat" / f"{split}.jsonl", turns)
+    write_jsonl(root / "mc.jsonl", mc_rows(rng, mc))
+    return root

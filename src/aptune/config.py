@@ -117,7 +117,8 @@ class APTConfig:
             recipe=recipe,
             adapter_targets=tuple(targets),
             initial_density=(self.initial_density or self.target_density) if one_shot else None,
-            shape=self.shape or "per-layer",
+            # decoders: the shape stock runtimes load (measured trade-off in docs/lm.md); encoders: per layer
+            shape=self.shape or ("uniform" if decoder else "per-layer"),
             prune_hidden=(not decoder) if self.prune_hidden is None else self.prune_hidden,
             use_kurtosis=one_shot if self.use_kurtosis is None else self.use_kurtosis,
         )

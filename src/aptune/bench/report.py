@@ -308,8 +308,8 @@ def lm_markdown(results: Mapping[str, Any]) -> str:
         )
     per_epoch, steps = _first(methods, "steps_per_epoch"), _first(methods, "steps")
     text = (
-        "Train s/epoch: train_time_s / (steps / steps_per_epoch), evaluation excluded (calibration and "
-        "one-shot pruning before step 1 included)"
+        "Train s/epoch: the one-time setup (building the method: APT's calibration and one-shot pruning) "
+        "plus the step time scaled to steps_per_epoch steps, evaluation excluded"
     )
     if per_epoch and steps and steps < per_epoch:
         text += f"; the runs took {steps} of an epoch's {per_epoch} steps, so it is extrapolated"

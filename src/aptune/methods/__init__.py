@@ -167,10 +167,11 @@ def build_method(
 ) -> Method:
     """The method object that trains ``model``. ``total_steps`` is the configured training length; a method
     with a phase before it (lora-prune's LoRA training) adds that phase, so read ``method.total_steps``."""
-    from ..arch import describe
+    from ..arch import describe, is_causal_lm
 
     info = method_info(name)
     check_supported(name, describe(model).family)
+    apt = apt.for_model(is_causal_lm(model))  # the shared target's defaults (shape) follow the model kind
     roles = tuple(lora_targets) if lora_targets is not None else info.lora_targets
     context = BuildContext(model, total_steps, steps_per_epoch, apt, baseline, lora_rank, roles, calibration)
     return info.factory(context)

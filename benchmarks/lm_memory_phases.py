@@ -1,0 +1,98 @@
+"""Peak process memory (RSS) of a causal-LM training run, phase by phase: loading, building the method (APT's
+one-shot calibration and pruning, LLM-Pruner's importance pass), and training steps.
+
+    MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/lm_memory_phases.py apt --density 0.7
+    MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/lm_memory_phases.py lora
+
+The packaged SmolLM2-135M-Instruct on ``../shared/data/brown`` at batch 4 x 128, as the ``cpu-lm`` bench preset.
+Before each phase the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), so each phase's peak is its
+own. Linux only. The 1 MiB mmap threshold makes freed tensors leave the RSS (see docs/bench.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+
+def status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("method", choices=["apt", "lora", "llm-pruner"])
+    parser.add_argument("--density", type=float, default=0.7)
+    parser.add_argument("--shape", default="per-layer")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "brown")
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from aptune.config import APTConfig
+    from aptune.memory import release_memory
+    from aptune.methods import BaselineConfig, build_method
+    from aptune.train import TrainConfig, prepare
+
+    phases: dict[str, dict[str, float]] = {}
+
+    def mark(name: str, started: float) -> None:
+        phases[name] = {
+            "peak_rss_mb": status_mb("VmHWM"),
+            "rss_after_mb": status_mb("VmRSS"),
+            "s": time.perf_counter() - started,
+        }
+        reset_peak()
+
+    reset_peak()
+    t = time.perf_counter()
+    config = TrainConfig(
+        model="smollm2", data=args.data, max_length=128, batch_size=4, max_steps=100, progress=False
+    )
+    prepared = prepare(config)
+    mark("load", t)
+    t = time.perf_counter()
+    targets = ("q", "v", "gate") if args.method == "lora" else None
+    method = build_method(
+        args.method,
+        prepared.model,
+        total_steps=100,
+        steps_per_epoch=len(prepared.loaders["train"]),
+        apt=APTConfig(target_density=args.density, shape=args.shape),
+        baseline=BaselineConfig(),
+        lora_rank=8,
+        lora_targets=targets,
+        calibration=lambda: iter(prepared.loaders["calibration"]),
+    )
+    release_memory()
+    mark("build method", t)
+    t = time.perf_counter()
+    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=1e-4)
+    for batch in itertools.islice(prepared.loaders["train"], args.steps):
+        method.before_forward()
+        method.compute_loss(batch).backward()
+        method.after_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if method.after_step():
+            optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=1e-4)
+    mark(f"{args.steps} training steps", t)
+    print(json.dumps({"method": args.method, "density": method.density(), "phases": phases}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
