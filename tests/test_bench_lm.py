@@ -57,7 +57,7 @@ def test_shape_variants_exist_for_every_method_that_takes_a_shape():
 def test_the_cpu_lm_preset_resolves_the_shared_data_and_passes_the_lm_flags(shared, tmp_path):
     config = build_config("cpu-lm", None, {"method_args": {"apt": ("--learning-rate", "2e-4")}})
     assert config.task == "causal-lm" and config.reference_method == "lora"
-    assert config.methods == ("lora", "apt", "apt-uniform", "llm-pruner")
+    assert config.methods == ("lora", "apt-per-layer", "apt-uniform", "llm-pruner-per-layer")
     assert (config.target_density, config.max_length, config.batch_size) == (0.7, 128, 4)
     assert config.max_steps == PRESETS["cpu-lm"]["max_steps"] and config.evals_per_epoch == 1
     assert config.mmap_threshold == 2**20 and config.cpu

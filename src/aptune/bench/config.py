@@ -76,7 +76,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": "causal-lm",
         "model": "smollm2",
         "data": "brown",  # found as rt-polarity is: $APTUNE_SHARED_DATA, then shared/data near the checkout
-        "methods": ["lora", "apt", "apt-uniform", "llm-pruner"],
+        # shapes named explicitly: the decoder default is uniform (issue 12's measurement)
+        "methods": ["lora", "apt-per-layer", "apt-uniform", "llm-pruner-per-layer"],
         "epochs": 1.0,
         "max_steps": 100,
         "batch_size": 4,

@@ -2,16 +2,17 @@
 
 Every method that ``aptune train --method`` accepts (:data:`aptune.train.METHODS`) is a variant of the same
 name, so a method registered there is runnable here without a change. Extra variants (the same method with
-other settings) are listed in :data:`EXTRA_VARIANTS`; among them a ``NAME-uniform`` variant of every method
-that honours ``--shape`` (:data:`SHAPED_METHODS`): the same method pruning to one shape for every layer
-(the same heads and FFN width everywhere, loadable by stock transformers) instead of per-layer widths.
+other settings) are listed in :data:`EXTRA_VARIANTS`; among them ``NAME-uniform`` and ``NAME-per-layer``
+variants of every method that honours ``--shape`` (:data:`SHAPED_METHODS`): the same method pruning to one
+shape for every layer (the same heads and FFN width everywhere, loadable by stock transformers) or to per-layer
+widths, whatever the model kind's default (uniform for decoders, per-layer for encoders).
 """
 
 from __future__ import annotations
 
-# Methods whose pruning follows `aptune train --shape` (per-layer, the default, or uniform).
+# Methods whose pruning follows `aptune train --shape` (per-layer or uniform; the default depends on the model).
 SHAPED_METHODS: tuple[str, ...] = ("apt", "llm-pruner", "loraprune")
-SHAPES: tuple[str, ...] = ("uniform",)  # shape variants besides the default per-layer one
+SHAPES: tuple[str, ...] = ("uniform", "per-layer")
 
 # Variants beyond one-per-method: name -> the flags of `aptune train` that make it.
 EXTRA_VARIANTS: dict[str, tuple[str, ...]] = {
