@@ -173,6 +173,7 @@ def test_eval_command_scores_text_and_multiple_choice(lm_folder, capsys):
         ("chat", ["--tokenizer", "NOTEMPLATE"], "no chat template"),
         ("text", ["--shape", "uniform", "--density", "0.02"], "no uniform shape"),
         ("chat", ["--max-length", "8"], "raise --max-length"),
+        ("text", ["--gradient-accumulation-steps", "9999"], "gradient_accumulation_steps"),
     ],
 )
 def test_bad_input_is_one_line_before_training(lm_folder, data, extra, message, capsys, tmp_path):

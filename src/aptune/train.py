@@ -1,5 +1,5 @@
-"""The training entry point: fine-tune (and, with a pruning method, prune) a classifier, evaluate, keep the
-best, export.
+"""The training entry point: fine-tune (and, with a pruning method, prune) a model for a task (a classifier or
+a causal LM, :mod:`aptune.tasks`), evaluate, keep the best, export.
 
     report = aptune.train(TrainConfig(model="path/or/name", data="rt-polarity", output_dir="runs/x"), APTConfig())
 
@@ -248,6 +248,11 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
 
     accumulate = config.gradient_accumulation_steps
+    if len(loaders["train"]) < accumulate:
+        raise ConfigError(
+            f"gradient_accumulation_steps ({accumulate}) is more than the {len(loaders['train'])} training "
+            "batches of an epoch"
+        )
     steps_per_epoch = max(1, len(loaders["train"]) // accumulate)  # optimizer steps
     length = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
