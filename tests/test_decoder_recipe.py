@@ -80,6 +80,7 @@ def test_one_shot_prunes_to_the_target_before_the_first_step(shape):
         assert len(set(shape_now.units)) == 1 and len(set(shape_now.neurons)) == 1
         assert shape_now.neurons[0] % 8 == 0
     assert all(p.grad is None for p in controller.trainable_parameters())  # adapters not stepped
+    assert controller.state_dict()["calibrated"]  # a resumed run does not prune a second time
     # only the adapters train: the LM head and the embeddings stay frozen
     trained = [n for n, p in controller.model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)

@@ -507,6 +507,7 @@ class APTController:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "calibrated": self.calibrated,  # a resumed one-shot run must not prune again
             "config": self.config.to_dict(),
             "base_params": self.base_params,
             "initial_adapter_params": self.initial_adapter_params,
@@ -547,6 +548,7 @@ class APTController:
             if rank > adapter.rank:
                 adapter.grow(rank)
         self.step = state["step"]
+        self.calibrated = state.get("calibrated", True)
         self.base_params = state["base_params"]
         self.initial_adapter_params = state["initial_adapter_params"]
         device = next(self.model.parameters()).device
