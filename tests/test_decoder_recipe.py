@@ -51,7 +51,7 @@ def one_shot_config(**kw) -> APTConfig:
 def test_decoder_defaults_follow_the_papers_llama_recipe():
     c = APTConfig(target_density=0.7).resolve(100, 10, decoder=True)
     assert (c.recipe, c.adapter_targets, c.initial_density) == ("one-shot", ("q", "v"), 0.7)
-    assert c.use_kurtosis and not c.prune_hidden and not c.distill and c.shape == "uniform"
+    assert not c.use_kurtosis and not c.prune_hidden and not c.distill and c.shape == "uniform"
     e = APTConfig().resolve(100, 10, decoder=False)
     assert (e.recipe, e.adapter_targets, e.initial_density, e.use_kurtosis) == (
         "gradual",

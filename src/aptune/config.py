@@ -49,7 +49,7 @@ class APTConfig:
     head_multiple: int = 1  # kept heads (key/value head units) per layer: a multiple of this, 0, or all
     hidden_multiple: int = 1  # kept hidden channels: a multiple of this, or all
     prune_hidden: bool | None = None  # default: True (encoders); False (decoders)
-    # the outlier term (docs/apt.md): default off in gradual pruning (measured), on in the decoders' one-shot
+    # the outlier term: off unless set (measured worse for MiniLM's gradual and SmolLM2's one-shot pruning)
     use_kurtosis: bool | None = None
     kurtosis_weight: float = 1.0  # the outlier term's mean, relative to the mean salience of its block type
     beta: float = 0.85
@@ -120,7 +120,8 @@ class APTConfig:
             # decoders: the shape stock runtimes load (measured trade-off in docs/lm.md); encoders: per layer
             shape=self.shape or ("uniform" if decoder else "per-layer"),
             prune_hidden=(not decoder) if self.prune_hidden is None else self.prune_hidden,
-            use_kurtosis=one_shot if self.use_kurtosis is None else self.use_kurtosis,
+            # measured off by default in both recipes (docs/apt.md, docs/lm.md)
+            use_kurtosis=False if self.use_kurtosis is None else self.use_kurtosis,
         )
 
     def resolve(self, total_steps: int, steps_per_epoch: int, decoder: bool = False) -> APTConfig:
