@@ -32,9 +32,9 @@ from torch import nn
 from .budget import param_report
 from .compact import save_pruned
 from .config import ADAPTER_ROLES, APTConfig, ConfigError
-from .evaluate import compare_throughput, quiet_transformers
 from .methods import BaselineConfig, build_method, check_supported, lr_factor, method_info, method_names
 from .tasks import TaskData
+from .tasks.classification import compare_speed, load_classifier  # noqa: F401  (re-exported: aptune.train API)
 
 METHODS = method_names()  # the registered methods (aptune.methods.register adds more)
 
@@ -157,13 +157,6 @@ def load_tokenizer(source: str):
         raise FileNotFoundError(
             f"no tokenizer found at {source!r} ({type(e).__name__}); pass --tokenizer PATH"
         ) from None
-
-
-def load_classifier(source: str, labels: list, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """An ``AutoModelForSequenceClassification`` with ``labels`` (see :mod:`aptune.tasks.classification`)."""
-    from .tasks.classification import load_classifier as load
-
-    return load(source, labels, dtype)
 
 
 def resolve_task(config: TrainConfig, model_path: str):
@@ -312,13 +305,13 @@ def train(
         for g in optimizer.param_groups:
             g["lr"] = lr
         method.before_forward()  # salience is gathered over every micro-batch of this step
-        loss_sum = 0.0
+        loss_sum = None
         for batch in group:
             batch = {k: v.to(device) for k, v in batch.items()}
             with accelerator.autocast():
                 loss = method.compute_loss(batch) / accumulate
             accelerator.backward(loss)
-            loss_sum += float(loss.detach())
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()  # no host sync here
         method.after_backward()  # decisions are taken once per optimizer step
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(
@@ -337,7 +330,7 @@ def train(
         if step % 10 == 0 or evaluate_now:  # bookkeeping off the hot path
             density = method.density()
             n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        progress.update(loss=loss_sum, density=density, trainable=n_trainable)
+        progress.update(loss=float(loss_sum), density=density, trainable=n_trainable)
 
         if evaluate_now:
             started = time.perf_counter()
@@ -406,33 +399,6 @@ def train(
         report["inference"] = task.compare_speed(prepared.model_path, model, data, config, device)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def compare_speed(
-    dense_path: str,
-    model: nn.Module,
-    num_labels: int,
-    device,
-    batch_size: int,
-    length: int,
-    warmup: int = 3,
-    runs: int = 10,
-) -> dict:
-    """Throughput of the dense starting model vs the final model, same batch, length and device.
-
-    The two run alternately (dense, final, dense, final, ...; :func:`aptune.evaluate.compare_throughput`),
-    so a change in machine load lands on both. ``speedup`` is the median of the per-pair throughput ratios
-    final / dense, ``speedup_spread`` their extremes and quartiles; ``dense`` and ``final`` hold each
-    model's median throughput. The dense model is loaded without transformers' load report (its new
-    classifier head is "missing" from the checkpoint, which is expected here).
-    """
-    with quiet_transformers():
-        dense = load_classifier(dense_path, list(range(num_labels)))
-    if getattr(dense.config, "pad_token_id", None) is None:
-        dense.config.pad_token_id = getattr(model.config, "pad_token_id", None)
-    result = compare_throughput(dense, model, batch_size, length, warmup=warmup, runs=runs, device=device)
-    del dense
-    return result.report()
 
 
 def environment(device) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from aptune.data.classification import (
     PAIR_TEXT_FIELDS,
     SINGLE_TEXT_FIELDS,
     _quiet_datasets,
+    find_split_files,
     load_hub_splits,
     looks_like_hub_name,
     make_dataloader,
@@ -79,11 +80,6 @@ ROLE_ALIASES: dict[str, str] = {
 }
 """Accepted speaker names (``role`` of ``messages``, ``from`` of ShareGPT ``conversations``) -> chat role."""
 
-_SPLIT_STEMS: dict[str, tuple[str, ...]] = {
-    "train": ("train",),
-    "validation": ("validation", "dev"),
-    "test": ("test",),
-}
 _HUB_SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     "train": ("train",),
     "validation": ("validation", "valid", "dev"),
@@ -268,23 +264,6 @@ def _load_file(split: str, path: str | os.PathLike[str]) -> Dataset:
     return loaded
 
 
-def _find_split_files(directory: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for split, stems in _SPLIT_STEMS.items():
-        for stem in stems:
-            existing = [
-                directory / f"{stem}{ext}" for ext in LM_EXTENSIONS if (directory / f"{stem}{ext}").is_file()
-            ]
-            if existing:
-                found[split] = existing[0]
-                break
-    if "train" not in found:
-        raise DataFileNotFoundError(
-            f"no training file in {directory} (expected train{{{','.join(LM_EXTENSIONS)}}})"
-        )
-    return found
-
-
 def _load_hub(name: str) -> dict[str, Dataset]:
     loaded = load_hub_splits(name)
     splits: dict[str, Dataset] = {}
@@ -361,7 +340,7 @@ def load_lm_splits(
         name = os.fspath(data)
         path = Path(name).expanduser()
         if path.is_dir():
-            for split, file in _find_split_files(path).items():
+            for split, file in find_split_files(path, tuple(LM_EXTENSIONS)).items():
                 splits[split] = _load_file(split, file)
                 sources[split] = str(file)
         elif path.exists():

@@ -523,11 +523,13 @@ def load_split_files(
     return _build_splits(splits, text_fields=text_fields, label_field=label_field, labels=labels)
 
 
-def find_split_files(directory: str | os.PathLike[str]) -> dict[str, Path]:
+def find_split_files(
+    directory: str | os.PathLike[str], extensions: Sequence[str] = SUPPORTED_EXTENSIONS
+) -> dict[str, Path]:
     """Finds ``train``, ``validation`` (or ``dev``) and ``test`` files in a directory.
 
-    Each file is named after its split with a supported extension, e.g. ``train.jsonl``. A training
-    file is required.
+    Each file is named after its split with one of ``extensions``, e.g. ``train.jsonl``; the first
+    extension found wins. A training file is required.
 
     Raises:
         DataFileNotFoundError: if the directory does not exist or holds no training file.
@@ -539,14 +541,14 @@ def find_split_files(directory: str | os.PathLike[str]) -> dict[str, Path]:
     stems = {"train": ("train",), "validation": ("validation", "dev"), "test": ("test",)}
     for split, names in stems.items():
         for name in names:
-            candidates = [directory / f"{name}{ext}" for ext in SUPPORTED_EXTENSIONS]
+            candidates = [directory / f"{name}{ext}" for ext in extensions]
             existing = [path for path in candidates if path.is_file()]
             if existing:
                 found[split] = existing[0]
                 break
     if "train" not in found:
         raise DataFileNotFoundError(
-            f"no training file in {directory} (expected train{{{','.join(SUPPORTED_EXTENSIONS)}}})"
+            f"no training file in {directory} (expected train{{{','.join(extensions)}}})"
         )
     return found
 

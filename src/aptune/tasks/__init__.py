@@ -12,18 +12,13 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError
+from ..data.causal_lm import detect_lm_format
+from ..data.errors import DataError
 from .base import Task, TaskData
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
 
 TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "causal-lm": CausalLMTask}
-CHAT_COLUMNS = (
-    {"messages"},
-    {"conversations"},
-    {"prompt", "response"},
-    {"prompt", "completion"},
-    {"instruction", "output"},
-)
 
 
 def get_task(name: str) -> Task:
@@ -91,8 +86,11 @@ def infer_task(data: str | None, train: str | None, model_path: str, label_field
     if columns:
         if label_field in columns:
             return "classification"
-        if any(c <= columns for c in CHAT_COLUMNS) or columns & {"text"} == {"text"}:
+        try:
+            detect_lm_format(columns)  # chat columns, or plain text without a label
             return "causal-lm"
+        except DataError:
+            pass
     causal = _model_is_causal_lm(model_path)
     if causal:
         return "causal-lm"

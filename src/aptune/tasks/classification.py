@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..evaluate import accuracy
+from ..evaluate import accuracy, compare_throughput, quiet_transformers
 from .base import Task, TaskData
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,6 +87,31 @@ class ClassificationTask(Task):
         """Dense starting model against the final one, alternately (:func:`aptune.evaluate.compare_throughput`),
         at batch 32 and the training length. The dense model loads quietly: its new classifier is "missing"
         from the checkpoint, which is expected here."""
-        from ..train import compare_speed
-
         return compare_speed(dense_path, model, model.config.num_labels, device, 32, config.max_length)
+
+
+def compare_speed(
+    dense_path: str,
+    model: nn.Module,
+    num_labels: int,
+    device,
+    batch_size: int,
+    length: int,
+    warmup: int = 3,
+    runs: int = 10,
+) -> dict:
+    """Throughput of the dense starting model vs the final model, same batch, length and device.
+
+    The two run alternately (dense, final, dense, final, ...; :func:`aptune.evaluate.compare_throughput`),
+    so a change in machine load lands on both. ``speedup`` is the median of the per-pair throughput ratios
+    final / dense, ``speedup_spread`` their extremes and quartiles; ``dense`` and ``final`` hold each
+    model's median throughput. The dense model is loaded without transformers' load report (its new
+    classifier head is "missing" from the checkpoint, which is expected here).
+    """
+    with quiet_transformers():
+        dense = load_classifier(dense_path, list(range(num_labels)))
+    if getattr(dense.config, "pad_token_id", None) is None:
+        dense.config.pad_token_id = getattr(model.config, "pad_token_id", None)
+    result = compare_throughput(dense, model, batch_size, length, warmup=warmup, runs=runs, device=device)
+    del dense
+    return result.report()
