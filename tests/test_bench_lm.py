@@ -86,6 +86,22 @@ def test_classification_children_keep_todays_flags(tmp_path):
     assert "--no-measure-speed" in command and "--eval-mc" not in command
 
 
+def test_a_half_finished_method_resumes_from_its_newest_checkpoint(tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"text": "a", "label": 0}\n')
+    values = {"train": str(data), "validation": str(data), "save_every": 50}
+    command = train_command(build_config(None, None, values), "apt", tmp_path / "apt", "/m")
+    assert command[command.index("--save-every") + 1] == "50" and "--resume" not in command
+    resumed = build_config(None, None, {**values, "resume": True})
+    assert "--resume" not in train_command(resumed, "apt", tmp_path / "apt", "/m")  # nothing to resume yet
+    (tmp_path / "apt" / "checkpoints" / "step-000050").mkdir(parents=True)
+    (tmp_path / "apt" / "checkpoints" / "step-000050" / "trainer.json").write_text("{}")
+    command = train_command(resumed, "apt", tmp_path / "apt", "/m")
+    assert command[command.index("--resume") + 1] == "latest"
+    with pytest.raises(ConfigError, match="save_every must be >= 1"):
+        build_config(None, None, {**values, "save_every": 0})
+
+
 def test_packaged_model_aliases_resolve_in_the_parent(monkeypatch, tmp_path):
     monkeypatch.setattr("aptune.assets.smollm2_path", lambda: tmp_path / "smol")
     monkeypatch.setattr("aptune.assets.minilm_path", lambda: tmp_path / "mini")

@@ -226,6 +226,10 @@ def _flag_type(annotation: str):
     raise TypeError(f"no CLI type for {annotation}")
 
 
+# Flags that may be given without a value, and the value they then take.
+OPTIONAL_VALUES = {"resume": "latest"}
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, dataclass_type, group_title: str) -> None:
     group = parser.add_argument_group(group_title)
     for f in fields(dataclass_type):
@@ -240,6 +244,16 @@ def _add_config_flags(parser: argparse.ArgumentParser, dataclass_type, group_tit
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
                 help=help_text,
+            )
+        elif f.name in OPTIONAL_VALUES:  # --resume alone means --resume latest
+            const = OPTIONAL_VALUES[f.name]
+            group.add_argument(
+                *names,
+                dest=f.name,
+                nargs="?",
+                const=const,
+                default=argparse.SUPPRESS,
+                help=f"(alone: {const}; default: {default})",
             )
         else:
             group.add_argument(
@@ -299,9 +313,11 @@ def _collect(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -
 
 
 def _train(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> int:
-    from .train import prepare, train
+    from .train import prepare, resume_source, train
 
     train_config, apt_config, baseline_config = build_configs(_collect(args, defaults))
+    if train_config.resume:
+        resume_source(train_config, apt_config, baseline_config)  # a wrong checkpoint fails before loading
     prepared = prepare(train_config)  # every input is checked here, before any training
     report = train(train_config, apt_config, prepared, baseline_config)
     print_summary(report, train_config.output_dir)

@@ -258,14 +258,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module
     model = _model_class(saved.model_class)(config)
     masks = masks_for_shape(model, saved.shape)
     compact(model, masks)
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise PrunedModelError(
-            f"weights in {path} do not fit the saved structure (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    load_state_strictly(model, load_file(str(path / "model.safetensors")), str(path))
     model._aptune_base_shape = StructureShape.from_plan(saved.base_shape)
     model._aptune_plain_loadable = saved.plain_loadable
     if dtype is not None:
@@ -292,12 +285,70 @@ def masks_for_shape(model: nn.Module, shape: dict[str, Any]) -> StructuralMasks:
     )
 
 
+# -- a model's shape, for checkpoints -----------------------------------------------------------------
+
+
+def shape_and_ranks(model: nn.Module) -> dict[str, Any]:
+    """What a fresh copy of the starting model must be cut to before a checkpoint's weights fit it: the
+    shape plan of every layer (``None`` for a model aptune has no spec for, e.g. a PEFT wrapper, whose
+    shape never changes) and the rank of every aptune adapter."""
+    from .adapter import APTLinear
+    from .arch import UnsupportedModelError
+
+    try:
+        shape = StructureShape.of(describe(model)).plan_dict()
+    except UnsupportedModelError:
+        shape = None
+    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, APTLinear)}
+    return {"shape": json.loads(json.dumps(shape)), "adapter_ranks": ranks}
+
+
+def cut_to(model: nn.Module, saved: dict[str, Any]) -> None:
+    """Cut ``model`` (the starting model, with its method's adapters attached and no mask hooks) to the saved
+    shape and grow its adapters to the saved ranks. Which units survive does not matter: the checkpoint's
+    weights replace every tensor afterwards."""
+    from .adapter import APTLinear
+
+    if saved["shape"] is not None:
+        current = json.loads(json.dumps(StructureShape.of(describe(model)).plan_dict()))
+        if current != saved["shape"]:
+            compact(model, masks_for_shape(model, saved["shape"]))
+    adapters = {name: m for name, m in model.named_modules() if isinstance(m, APTLinear)}
+    ranks = saved["adapter_ranks"]
+    if set(adapters) != set(ranks):
+        missing = sorted(set(ranks) - set(adapters))[:3]
+        extra = sorted(set(adapters) - set(ranks))[:3]
+        raise PrunedModelError(
+            f"the checkpoint's adapters do not match this model's (missing {missing}, unexpected {extra}); "
+            "was it written with other --adapter-targets or --lora-targets?"
+        )
+    for name, rank in ranks.items():
+        if rank < adapters[name].rank:
+            raise PrunedModelError(f"adapter {name} has rank {adapters[name].rank}, the checkpoint {rank}")
+        adapters[name].grow(rank)
+
+
+def load_state_strictly(model: nn.Module, state: dict[str, Tensor], source: str = "the checkpoint") -> None:
+    """Load a full model state strictly (tied weights may be stored under either name)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise PrunedModelError(
+            f"weights in {source} do not fit the model's structure (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+
+
 __all__ = [
     "PrunedModelError",
     "compact",
+    "cut_to",
     "load_pruned",
+    "load_state_strictly",
     "masks_for_shape",
     "read_structure",
     "save_pruned",
+    "shape_and_ranks",
     "slice_linear",
 ]

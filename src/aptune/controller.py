@@ -9,8 +9,10 @@ One training step, as the training loop calls it:
     if controller.after_step():        # decays masks; at checkpoints compacts and grows ranks
         optimizer = rebuild(controller.trainable_parameters())
 
-``state_dict()`` / ``load_state_dict()`` hold everything needed to continue: step, masks, moving averages and
-ranks. The model's own weights are saved by the training loop.
+``state_dict()`` / ``load_state_dict()`` hold everything needed to continue: step, masks, moving averages,
+ranks and the teacher. The model's own weights are saved by the training loop. To resume on a freshly loaded
+starting model, ``restore(shape_and_ranks, state)`` first cuts it to the saved shape (``aptune.compact``), then
+the loop loads the weights (``aptune train --resume``; :mod:`aptune.checkpoint`).
 
 With self-distillation (``APTConfig.distill``; off by default), the loop gets the loss from
 ``controller.compute_loss(batch)`` and reports validation metrics with ``observe_validation(metric)``: the
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 from .adapter import add_adapters, rank_saliences
 from .arch import describe, is_causal_lm
 from .budget import StructureShape, count_prunable
-from .compact import compact
+from .compact import compact, cut_to, load_state_strictly, shape_and_ranks
 from .config import APTConfig
 from .distill import SelfDistiller
 from .masks import StructuralMasks, apply_masks, remove_masks
@@ -518,6 +520,8 @@ class APTController:
             "neuron_inputs": [None if x is None else x.clone() for x in self.neuron_inputs],
             "ranks": [a.rank for a in self.adapters],
             "history": list(self.history),
+            "outliers": None if self._outliers is None else self._outliers.state_dict(),
+            "outlier_window": self._outlier_window,
             "distiller": self._distiller_state(),
         }
 
@@ -537,7 +541,37 @@ class APTController:
             "latest_validation": self.latest_validation,
             "teacher_validation": self.teacher_validation,
             "layer_sampler": d.generator.get_state(),  # which teacher layers the next steps compare
+            "separate_teacher": None
+            if d.teacher_model is None
+            else {"structure": shape_and_ranks(d.teacher_model), "weights": d.teacher_model.state_dict()},
         }
+
+    def restore(self, structure: dict[str, Any], state: dict[str, Any]) -> None:
+        """Resume from a checkpoint: cut the model to the saved shape and ranks (a separated teacher to its own)
+        and take the saved state. The model's weights are loaded afterwards by the caller."""
+        self.collector.remove()
+        remove_masks(self.model)
+        saved = state.get("distiller") or {}
+        teacher = saved.get("separate_teacher")
+        if self.distiller is not None and teacher is not None:
+            frozen = [t for t in [*self.model.parameters(), *self.model.buffers()] if not t.requires_grad]
+            model = copy.deepcopy(self.model, memo={id(t): t for t in frozen})
+            cut_to(model, teacher["structure"])
+            load_state_strictly(model, teacher["weights"], "the checkpoint's teacher")
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.distiller.teacher_model = model.eval()
+        hidden = describe(self.model).hidden.size
+        cut_to(self.model, structure)
+        alive = {id(m) for m in self.model.modules()}
+        self.adapters = [a for a in self.adapters if id(a) in alive]
+        self.rank_scores = [None] * len(self.adapters)
+        if self.distiller is not None:
+            self.distiller.rebind_head(self._head_parameters())
+            kept = describe(self.model).hidden.size
+            if kept != hidden:
+                self.distiller.on_hidden_pruned(torch.arange(kept), hidden)
+        self.load_state_dict(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the controller's state onto a model of the same structure (weights are loaded separately)."""
@@ -555,8 +589,11 @@ class APTController:
         scores = state["scores"]
         self.scores = None if scores is None else BlockScores.from_state_dict(scores).to(device)
         self.rank_scores = [None if s is None else s.clone() for s in state["rank_scores"]]
-        self.history = list(state["history"])
+        self.history[:] = state["history"]  # the method's history is this same list
         self._hook_up(StructuralMasks.from_state_dict(state["masks"]))
+        if state.get("outliers") is not None:
+            self._outliers = BlockScores.from_state_dict(state["outliers"]).to(device)
+            self._outlier_window = state["outlier_window"]
         for name in ("head_inputs", "neuron_inputs"):
             saved_inputs = state.get(name)
             if saved_inputs is not None:

@@ -22,7 +22,7 @@ import resource
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,17 @@ import torch
 from torch import nn
 
 from .budget import param_report
-from .compact import save_pruned
+from .checkpoint import (
+    atomic_folder,
+    atomic_write_text,
+    load_checkpoint,
+    load_optimizer_state,
+    read_state,
+    resolve_resume,
+    save_checkpoint,
+    set_rng_state,
+)
+from .compact import load_state_strictly, save_pruned
 from .config import ADAPTER_ROLES, APTConfig, ConfigError
 from .methods import BaselineConfig, build_method, check_supported, lr_factor, method_info, method_names
 from .tasks import TaskData
@@ -78,6 +88,9 @@ class TrainConfig:
     cpu: bool = False  # force CPU even when a GPU is present
     measure_speed: bool = True  # time dense vs final model at inference after training
     progress: bool = True
+    save_every: int | None = None  # write a resumable checkpoint every N optimizer steps
+    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep (the newest is never deleted)
+    resume: str | None = None  # "latest" (the newest checkpoint in output_dir), a checkpoint or a run folder
 
     def __post_init__(self) -> None:
         method_info(self.method)  # unknown names fail here
@@ -100,6 +113,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.save_every is not None and self.save_every < 1:
+            raise ConfigError(f"save_every must be >= 1, got {self.save_every}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be >= 1, got {self.lora_rank}")
         bad = [r for r in self.lora_targets or () if r not in ADAPTER_ROLES]
@@ -214,6 +231,128 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
+@dataclass
+class RunState:
+    """The training loop's own state: what a checkpoint stores besides the model, method and optimizer."""
+
+    step: int = 0
+    setup_time_s: float = 0.0
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    checkpoint_time_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"validation": None})
+    best_state: dict[str, torch.Tensor] | None = None  # trainable tensors at the best validation
+    resumed_from: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> RunState:
+        return cls(**state)
+
+
+class BatchStream:
+    """Groups of ``accumulate`` training batches, epoch after epoch (a short last group is dropped), and
+    the position in that order a checkpoint records: the epoch, the batches taken from it, and the state
+    of the loader's generator when the epoch started (the shuffle is drawn from it)."""
+
+    def __init__(self, loader: Any, accumulate: int):
+        self.loader, self.accumulate = loader, accumulate
+        self.epoch = 0
+        self.position = 0  # batches taken from the current epoch
+        self._batches = None
+        self._epoch_start: torch.Tensor | None = None
+
+    def next_group(self) -> list[dict[str, torch.Tensor]]:
+        group: list[dict[str, torch.Tensor]] = []
+        while len(group) < self.accumulate:
+            if self._batches is None:
+                self._start_epoch()
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._batches, group = None, []
+                self.epoch += 1
+                continue
+            group.append(batch)
+            self.position += 1
+        return group
+
+    def _start_epoch(self) -> None:
+        generator = getattr(self.loader, "generator", None)
+        self._epoch_start = None if generator is None else generator.get_state()
+        self._batches = iter(self.loader)
+        self.position = 0
+
+    def state_dict(self, loaders: dict[str, Any]) -> dict[str, Any]:
+        """This stream's position, and the current state of every other loader's generator (calibration
+        batches are drawn from one)."""
+        others = {
+            name: loader.generator.get_state()
+            for name, loader in loaders.items()
+            if loader is not self.loader and getattr(loader, "generator", None) is not None
+        }
+        started = self._batches is not None
+        return {
+            "epoch": self.epoch,
+            "position": self.position if started else None,
+            "epoch_start": self._epoch_start if started else None,
+            "generators": others,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], loaders: dict[str, Any]) -> None:
+        for name, generator_state in state["generators"].items():
+            loaders[name].generator.set_state(generator_state)
+        self.epoch = state["epoch"]
+        if state["position"] is None:
+            return
+        generator = getattr(self.loader, "generator", None)
+        if generator is not None and state["epoch_start"] is not None:
+            generator.set_state(state["epoch_start"])
+        self._start_epoch()
+        for _ in range(state["position"]):  # the same order as before: skip what was already trained on
+            next(self._batches)
+        self.position = state["position"]
+
+
+# Settings that may differ between a run and its resumption: where it writes and what it reports.
+RESUMABLE_CHANGES = ("output_dir", "resume", "save_every", "keep_checkpoints", "progress", "measure_speed")
+
+
+def run_configs(config: TrainConfig, apt: APTConfig, baseline: BaselineConfig) -> dict[str, Any]:
+    train = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    return {"train": train, "apt": apt.to_dict(), "baseline": baseline.to_dict()}
+
+
+def check_same_run(
+    trainer: dict[str, Any], config: TrainConfig, apt: APTConfig, baseline: BaselineConfig, source: Path
+) -> None:
+    """A checkpoint continues only the run that wrote it: every setting that shapes training must match."""
+    now, then = run_configs(config, apt, baseline), trainer["configs"]
+    changed = [
+        f"{key} ({then[part].get(key)!r} -> {now[part].get(key)!r})"
+        for part in now
+        for key in sorted(set(now[part]) | set(then[part]))
+        if _plain(now[part].get(key)) != _plain(then[part].get(key))
+    ]
+    if changed:
+        raise ConfigError(f"{source} was written by a run with other settings: {'; '.join(changed[:4])}")
+
+
+def resume_source(config: TrainConfig, apt: APTConfig, baseline: BaselineConfig) -> Path:
+    """The checkpoint ``config.resume`` names, checked to belong to this run (reads its small JSON part only)."""
+    source = resolve_resume(config.resume, config.output_dir)
+    check_same_run(read_state(source, "trainer"), config, apt, baseline, source)
+    return source
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def train(
     config: TrainConfig,
     apt: APTConfig | None = None,
@@ -230,6 +369,11 @@ def train(
     apt = apt or APTConfig()
     baseline = baseline or BaselineConfig()
     set_seed(config.seed)
+    out = Path(config.output_dir)
+    saved = None
+    if config.resume:
+        source = resume_source(config, apt, baseline)
+        saved = load_checkpoint(source)
     prepared = prepared or prepare(config)
     model, loaders = prepared.model, prepared.loaders
     task = prepared.task or resolve_task(config, prepared.model_path)
@@ -237,7 +381,6 @@ def train(
     accelerator = _accelerator(config)
     device = accelerator.device
     model.to(device)
-    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     accumulate = config.gradient_accumulation_steps
@@ -268,6 +411,7 @@ def train(
             lora_rank=config.lora_rank,
             lora_targets=config.lora_targets,
             calibration=calibration,
+            resuming=saved is not None,
         )
     model = method.model
     total = method.total_steps
@@ -277,31 +421,28 @@ def train(
         return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
     optimizer = new_optimizer(method.trainable_parameters())
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"validation": None}
-    best_state: dict[str, torch.Tensor] | None = None
-    setup_time = train_time = time.perf_counter() - started  # counted in the training time too
-    eval_time = 0.0
-    step = 0
+    stream = BatchStream(loaders["train"], accumulate)
+    setup_time = time.perf_counter() - started
+    run = RunState(setup_time_s=setup_time, train_time_s=setup_time)  # setup counts as training time too
+    if saved is not None:
+        method.restore(saved["structure"], saved["method"])
+        model = method.model
+        load_state_strictly(model, saved["model"])
+        optimizer = new_optimizer(method.trainable_parameters())
+        load_optimizer_state(optimizer, saved["optimizer"])
+        run = RunState.from_dict(saved["trainer"]["run"])
+        run.resumed_from.append({"step": run.step, "checkpoint": str(source)})
+        stream.load_state_dict(saved["trainer"]["data"], loaders)
+        set_rng_state(saved["trainer"]["rng"])  # last: nothing after it draws random numbers before step 1
+        del saved
     density, n_trainable = method.density(), sum(p.numel() for p in model.parameters() if p.requires_grad)
-    progress = _Progress(total, config.progress)
+    progress = _Progress(total, config.progress, initial=run.step)
     model.train()
 
-    def micro_batches():
-        """Groups of ``accumulate`` training batches, epoch after epoch (a short last group is dropped)."""
-        while True:
-            group = []
-            for batch in loaders["train"]:
-                group.append(batch)
-                if len(group) == accumulate:
-                    yield group
-                    group = []
-
-    groups = micro_batches()
-    while step < total:
-        group = next(groups)
+    while run.step < total:
+        group = stream.next_group()
         started = time.perf_counter()
-        lr = config.lr * lr_factor(step, total, config.warmup_ratio, method.lr_restarts)
+        lr = config.lr * lr_factor(run.step, total, config.warmup_ratio, method.lr_restarts)
         for g in optimizer.param_groups:
             g["lr"] = lr
         method.before_forward()  # salience is gathered over every micro-batch of this step
@@ -319,43 +460,56 @@ def train(
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
+        run.step += 1
+        step = run.step
         if method.after_step():
             model = method.model
             optimizer = new_optimizer(method.trainable_parameters())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_time += time.perf_counter() - started
+        run.train_time_s += time.perf_counter() - started
         evaluate_now = step % eval_every == 0 or step in (total, select_from)
         if step % 10 == 0 or evaluate_now:  # bookkeeping off the hot path
             density = method.density()
             n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        progress.update(loss=float(loss_sum), density=density, trainable=n_trainable)
+        run.losses.append(float(loss_sum))
+        progress.update(loss=run.losses[-1], density=density, trainable=n_trainable)
 
         if evaluate_now:
             started = time.perf_counter()
             val = task.evaluate(model, loaders["validation"], device)
-            eval_time += time.perf_counter() - started
+            run.eval_time_s += time.perf_counter() - started
             method.observe_validation(task.selection_score(val))
-            history.append(
+            run.history.append(
                 {
                     "step": step,
                     "epoch": step / steps_per_epoch,
-                    "train_time_s": train_time,
+                    "train_time_s": run.train_time_s,
                     "validation": val,
                     "density": density,
                     "trainable_params": n_trainable,
                 }
             )
             progress.note(f"step {step}: validation {task.metric} {val:.4f}, density {density:.3f}")
-            if step >= select_from and task.better(val, best["validation"]):
-                best = {"validation": val, "step": step}
-                best_state = _trainable_state(model)
+            if step >= select_from and task.better(val, run.best["validation"]):
+                run.best = {"validation": val, "step": step}
+                run.best_state = _trainable_state(model)
+        if config.save_every and step % config.save_every == 0 and step < total:
+            started = time.perf_counter()
+            trainer = {
+                "run": run.to_dict(),
+                "data": stream.state_dict(loaders),
+                "configs": run_configs(config, apt, baseline),
+            }
+            keep = config.keep_checkpoints
+            save_checkpoint(out, step, method=method, optimizer=optimizer, trainer=trainer, keep=keep)
+            run.checkpoint_time_s += time.perf_counter() - started
     progress.close()
 
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
+    step, best, history = run.step, run.best, run.history
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state, strict=False)
     model = method.finish()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -369,7 +523,8 @@ def train(
     }
     metrics.update(task.final_metrics(model, data, config, device, prepared.tokenizer))
     final_report = param_report(model)
-    save_pruned(model, out / "model", tokenizer=prepared.tokenizer)
+    with atomic_folder(out / "model") as folder:  # a crash while saving leaves the previous model whole
+        save_pruned(model, folder, tokenizer=prepared.tokenizer)
 
     report: dict[str, Any] = {
         "command": shlex.join(sys.argv),
@@ -379,9 +534,12 @@ def train(
         "density": final_report["density"],
         "params_before": dense_report,
         "params_after": final_report,
-        "train_time_s": train_time,
-        "setup_time_s": setup_time,  # building the method: one-shot calibration and pruning, if any
-        "eval_time_s": eval_time,
+        "train_time_s": run.train_time_s,
+        "setup_time_s": run.setup_time_s,  # building the method: one-shot calibration and pruning, if any
+        "eval_time_s": run.eval_time_s,
+        "checkpoint_time_s": run.checkpoint_time_s,
+        "resumed_from": run.resumed_from,
+        "train_losses": run.losses,  # the loss of every optimizer step
         "peak_memory_mb": peak_memory,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         "steps": step,
@@ -397,7 +555,7 @@ def train(
     }
     if config.measure_speed:
         report["inference"] = task.compare_speed(prepared.model_path, model, data, config, device)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -425,12 +583,14 @@ def environment(device) -> dict[str, Any]:
 class _Progress:
     """A tqdm bar with loss, density and trainable parameters; silent when disabled."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, initial: int = 0):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="aptune train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, desc="aptune train", unit="step", dynamic_ncols=True
+            )
 
     def update(self, loss: float, density: float, trainable: int) -> None:
         if self.bar is not None:
@@ -459,4 +619,4 @@ def config_fields() -> dict[str, list[str]]:
     }
 
 
-__all__ = ["METHODS", "TrainConfig", "config_fields", "prepare", "train"]
+__all__ = ["METHODS", "TrainConfig", "config_fields", "prepare", "resume_source", "train"]

@@ -108,6 +108,13 @@ _VALUE_FLAGS: tuple[tuple[str, tuple[str, ...], Any, str], ...] = (
         "set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the children: CPU peak RSS then follows live tensors, "
         "not heap fragmentation, but CPU training runs slower (a memory run, not a timing run)",
     ),
+    (
+        "save_every",
+        ("--save-every",),
+        int,
+        "each training child writes a resumable checkpoint every N steps; with --resume a half-finished "
+        "method continues from its newest one",
+    ),
 )
 
 
@@ -141,7 +148,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for dest, text in (
         ("cpu", "train on CPU even when a GPU is present"),
-        ("resume", "skip methods whose report.json already exists in the output folder"),
+        (
+            "resume",
+            "skip methods whose report.json already exists in the output folder; continue a half-finished one "
+            "from its newest checkpoint",
+        ),
         ("progress", "show the progress bar (default: on)"),
     ):
         parser.add_argument(

@@ -227,7 +227,8 @@ class BenchConfig:
     # mapping, returned on free, so a CPU child's peak RSS follows its live tensors instead of heap
     # fragmentation; it slows CPU training (page faults), so times from such a run are not comparable
     mmap_threshold: int | None = None
-    resume: bool = False  # skip methods whose report.json already exists in the output folder
+    save_every: int | None = None  # training children write a resumable checkpoint every N steps
+    resume: bool = False  # skip methods whose report.json exists; continue one that has checkpoints
     progress: bool = True
     preset: str | None = None  # recorded in results; its values are applied by build_config
 
@@ -318,6 +319,8 @@ class BenchConfig:
                 f"mmap_threshold must be between 0 and {MAX_MMAP_THRESHOLD} bytes (glibc's limit), "
                 f"got {self.mmap_threshold}"
             )
+        if self.save_every is not None and self.save_every < 1:
+            raise ConfigError(f"save_every must be >= 1, got {self.save_every}")
         for name in ("eval_stride", "eval_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import latest_checkpoint
 from .config import BenchConfig
 from .variants import variants
 
@@ -81,6 +82,10 @@ def train_command(config: BenchConfig, name: str, output_dir: Path, model_path: 
     else:
         cmd.append("--no-measure-speed")
     cmd.append("--no-progress")
+    if config.save_every is not None:
+        cmd += ["--save-every", str(config.save_every)]
+    if config.resume and latest_checkpoint(output_dir) is not None:
+        cmd += ["--resume", "latest"]  # a half-finished method continues where it stopped
     return cmd + list(config.flags_for(name))
 
 

@@ -42,6 +42,7 @@ class BuildContext:
     lora_rank: int
     lora_targets: tuple[str, ...]
     calibration: Calibration  # fresh training batches on the device, for methods that calibrate
+    resuming: bool = False  # a checkpoint will restore the state: skip pruning at construction
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class MethodInfo:
 def _apt(c: BuildContext) -> Method:
     from .apt import APT
 
-    return APT(c.model, c.apt, c.total_steps, c.steps_per_epoch, c.calibration)
+    return APT(c.model, c.apt, c.total_steps, c.steps_per_epoch, c.calibration, c.resuming)
 
 
 def _full(c: BuildContext) -> Method:
@@ -97,7 +98,9 @@ def _loraprune(c: BuildContext) -> Method:
 def _llm_pruner(c: BuildContext) -> Method:
     from .llm_pruner.method import LLMPruner
 
-    return LLMPruner(c.model, c.total_steps, c.lora_rank, c.lora_targets, c.apt, c.baseline, c.calibration)
+    return LLMPruner(
+        c.model, c.total_steps, c.lora_rank, c.lora_targets, c.apt, c.baseline, c.calibration, c.resuming
+    )
 
 
 REGISTRY: dict[str, MethodInfo] = {}
@@ -164,16 +167,20 @@ def build_method(
     lora_rank: int,
     lora_targets: tuple[str, ...] | None,
     calibration: Calibration,
+    resuming: bool = False,
 ) -> Method:
     """The method object that trains ``model``. ``total_steps`` is the configured training length; a method
-    with a phase before it (lora-prune's LoRA training) adds that phase, so read ``method.total_steps``."""
+    with a phase before it (lora-prune's LoRA training) adds that phase, so read ``method.total_steps``.
+    ``resuming``: the caller restores a checkpoint next (``method.restore``), so nothing is pruned now."""
     from ..arch import describe, is_causal_lm
 
     info = method_info(name)
     check_supported(name, describe(model).family)
     apt = apt.for_model(is_causal_lm(model))  # the shared target's defaults (shape) follow the model kind
     roles = tuple(lora_targets) if lora_targets is not None else info.lora_targets
-    context = BuildContext(model, total_steps, steps_per_epoch, apt, baseline, lora_rank, roles, calibration)
+    context = BuildContext(
+        model, total_steps, steps_per_epoch, apt, baseline, lora_rank, roles, calibration, resuming
+    )
     return info.factory(context)
 
 

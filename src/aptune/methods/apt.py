@@ -22,12 +22,14 @@ class APT(Method):
         total_steps: int,
         steps_per_epoch: int,
         calibration: Calibration | None = None,
+        resuming: bool = False,
     ):
         super().__init__(model, total_steps)
         self.controller = APTController(
             model, config, total_steps=total_steps, steps_per_epoch=steps_per_epoch
         )
-        if not self.controller.calibrated:  # the one-shot recipe prunes before the first step
+        # the one-shot recipe prunes before the first step; a resumed run takes the pruned shape from its checkpoint
+        if not self.controller.calibrated and not resuming:
             if calibration is None:
                 raise ValueError("the one-shot recipe needs calibration batches")
             self.controller.calibrate(calibration())
@@ -63,3 +65,10 @@ class APT(Method):
 
     def config_dict(self) -> dict[str, Any]:
         return self.controller.config.to_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "controller": self.controller.state_dict()}
+
+    def restore(self, structure: dict[str, Any], state: dict[str, Any]) -> None:
+        self.controller.restore(structure, state["controller"])
+        self.step = state["step"]

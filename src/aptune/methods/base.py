@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..adapter import add_adapters, merge_adapters
 from ..arch import describe
 from ..budget import param_report
+from ..compact import cut_to
 from ..config import APTConfig, ConfigError
 from .config import BaselineConfig
 
@@ -74,6 +75,20 @@ class Method:
 
     def config_dict(self) -> dict[str, Any] | None:
         return None
+
+    # -- checkpoints (``aptune train --save-every`` / ``--resume``) ----------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The method's state besides the model's weights: nested dicts and lists of numbers, strings and
+        tensors (:mod:`aptune.checkpoint` stores it without pickle)."""
+        return {"step": self.step, "history": list(self.history)}
+
+    def restore(self, structure: dict[str, Any], state: dict[str, Any]) -> None:
+        """Resume: cut the freshly built model to a checkpoint's shape and adapter ranks
+        (:func:`aptune.compact.shape_and_ranks`) and take the method's state. The loop then loads the
+        checkpoint's weights into :attr:`model` strictly and rebuilds the optimizer."""
+        cut_to(self.model, structure)
+        self.step = state["step"]
+        self.history[:] = state["history"]
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, restarts: tuple[int, ...] = ()) -> float:

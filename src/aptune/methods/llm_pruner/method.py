@@ -30,12 +30,13 @@ class LLMPruner(PruningBaseline):
         apt: APTConfig,
         baseline: BaselineConfig,
         calibration: Calibration,
+        resuming: bool = False,
     ):
         super().__init__(model, total_steps, rank, roles, apt, baseline, calibration)
         self.prune_step = int(baseline.prune_warmup * total_steps)
         self.final_structure_step = self.prune_step
         self.lr_restarts = (self.prune_step,) if self.prune_step > 0 else ()
-        if self.prune_step == 0:
+        if self.prune_step == 0 and not resuming:  # a resumed run takes the pruned shape from its checkpoint
             self._prune()
 
     def _prune(self) -> None:

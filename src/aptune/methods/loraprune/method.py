@@ -9,6 +9,8 @@ moving averages of the kept blocks carry on. After the window the pruned model k
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from ...config import APTConfig, ConfigError
@@ -50,6 +52,13 @@ class LoRAPrune(PruningBaseline):
         self.final_structure_step = end
         self.heads: list[Tensor] | None = None
         self.neurons: list[Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "heads": self.heads, "neurons": self.neurons}
+
+    def restore(self, structure: dict[str, Any], state: dict[str, Any]) -> None:
+        super().restore(structure, state)
+        self.heads, self.neurons = state["heads"], state["neurons"]
 
     def after_backward(self) -> None:
         if not self.start <= self.step < self.final_structure_step:

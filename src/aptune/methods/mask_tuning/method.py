@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...adapter import merge_adapters
-from ...compact import compact
+from ...compact import compact, cut_to
 from ...config import APTConfig
 from ...masks import StructuralMasks
 from ..base import Calibration, PruningBaseline
@@ -59,6 +59,13 @@ class MaskTuning(PruningBaseline):
             return False
         self.prune()
         return True
+
+    def restore(self, structure: dict[str, Any], state: dict[str, Any]) -> None:
+        if state["step"] >= self.prune_step:  # retraining: the first LoRA was merged, a fresh one trains
+            merge_adapters(self.model)
+            cut_to(self.model, {"shape": structure["shape"], "adapter_ranks": {}})
+            self.add_lora()
+        super().restore(structure, state)
 
     def prune(self) -> None:
         model, b = self.model, self.baseline
