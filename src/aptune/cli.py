@@ -37,7 +37,7 @@ ALIASES = {"target_density": ["--density"], "output_dir": ["--output"]}
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .arch import describe
+    from .arch import describe, get_spec
     from .assets import minilm_path
     from .budget import StructureShape, param_report
     from .compact import load_pruned, read_structure
@@ -50,6 +50,7 @@ def _info(args: argparse.Namespace) -> int:
     report = param_report(model)
     saved = read_structure(path)
     plain = saved.plain_loadable if saved is not None else True
+    facts = get_spec(model).facts(model)  # per-head norms, sliding window, soft-capping, ...
     if args.json:
         out = {
             "path": str(path),
@@ -64,11 +65,14 @@ def _info(args: argparse.Namespace) -> int:
             "neurons": list(shape.neurons),
             "neurons_before": list(base.neurons),
             "plain_from_pretrained": plain,
+            "family_facts": facts,
         }
         print(json.dumps(out, indent=2))
         return 0
     print(f"model      {path}")
     print(f"class      {type(model).__name__} (family {report['family']})")
+    for key, value in facts.items():
+        print(f"  {key:<16} {value}")
     print(f"hidden     {shape.hidden} of {base.hidden} channels")
     grouped = any(a.heads != a.kv_heads for a in base.attention)  # grouped-query attention: show kv heads
     kv_title = f"  {'kv heads':>9}" if grouped else ""
@@ -320,7 +324,8 @@ def _train(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> 
         resume_source(train_config, apt_config, baseline_config)  # a wrong checkpoint fails before loading
     prepared = prepare(train_config)  # every input is checked here, before any training
     report = train(train_config, apt_config, prepared, baseline_config)
-    print_summary(report, train_config.output_dir)
+    if report:  # empty on every process but the first of a multi-process run
+        print_summary(report, train_config.output_dir)
     return 0
 
 

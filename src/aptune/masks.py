@@ -224,7 +224,7 @@ class MaskHooks:
         for module in [*hidden.producers, *hidden.mask_outputs]:
             self._handles.append(module.register_forward_hook(self._hidden_output_hook))
         for module in hidden.norms:
-            self._install_norm(module)
+            self._install_norm(module, hidden.norm_over_kept or _norm_over_kept)
         model._aptune_mask_hooks = self
 
     def remove(self) -> None:
@@ -291,16 +291,17 @@ class MaskHooks:
             return None
         return _scale(output, state.values(output))
 
-    def _install_norm(self, norm: nn.Module) -> None:
+    def _install_norm(self, norm: nn.Module, over_kept=_norm_over_kept) -> None:
         """Replace the norm's forward (on this instance only) by one that, under a partial hidden mask,
-        normalises over the kept channels instead of computing the full norm and then correcting it."""
+        normalises over the kept channels instead of computing the full norm and then correcting it.
+        ``over_kept`` computes the norm over the kept channels (the family's formula, from its spec)."""
         original = norm.forward
 
         def forward(x, *args, **kwargs):
             state = self._hidden()
             if state is None:
                 return original(x, *args, **kwargs)
-            return _norm_over_kept(norm, x, state.kept(x.device)) * state.values(x)
+            return over_kept(norm, x, state.kept(x.device)) * state.values(x)
 
         norm.forward = forward
         self._patched_norms.append(norm)

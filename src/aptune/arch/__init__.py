@@ -6,9 +6,10 @@ from torch import nn
 
 from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure
 from .bert import BertSpec
+from .gemma import GemmaSpec
 from .llama import LlamaSpec
 
-SPECS: tuple[ArchSpec, ...] = (BertSpec(), LlamaSpec())
+SPECS: tuple[ArchSpec, ...] = (BertSpec(), LlamaSpec(), GemmaSpec())
 
 __all__ = [
     "SPECS",
@@ -45,6 +46,12 @@ def get_spec(model: nn.Module) -> ArchSpec:
                     f"{', '.join(spec.model_classes)}"
                 )
             return spec
+    for spec in SPECS:
+        reason = spec.unsupported.get(model_type)
+        if reason is not None:
+            raise UnsupportedModelError(
+                f"aptune does not support {cls} (model type {model_type!r}): {reason}"
+            )
     raise UnsupportedModelError(
         f"aptune does not support {cls} (model type {model_type!r}); supported families: {supported()}"
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -111,6 +111,9 @@ class HiddenSpec:
       slice as producers (LLaMA's token embedding, which feeds the residual stream directly).
     * ``tied``: (reader, embedding) pairs that share one weight (a language-model head tied to the token
       embedding): compaction slices the embedding and ties the reader to it again.
+    * ``norm_over_kept``: ``(norm, x, kept) -> y``, the family's norm of ``x`` computed over the channel indices
+      ``kept`` only (other channels 0), for norms whose formula aptune's default (``LayerNorm`` and
+      ``y = weight * rms_normalise(x)``) does not match, such as Gemma's ``(1 + weight)`` RMSNorm. None: the default.
     """
 
     size: int
@@ -121,6 +124,7 @@ class HiddenSpec:
     mask_inputs: list[nn.Module] = field(default_factory=list)
     mask_outputs: list[nn.Module] = field(default_factory=list)
     tied: list[tuple[nn.Linear, nn.Embedding]] = field(default_factory=list)
+    norm_over_kept: Callable[[nn.Module, Any, Any], Any] | None = None
 
 
 @dataclass
@@ -149,6 +153,9 @@ class ArchSpec:
     model_types: tuple[str, ...] = ()
     #: model classes (by name) whose task heads the spec knows
     model_classes: tuple[str, ...] = ()
+    #: ``config.model_type`` values of related models the spec does *not* handle, with the one-line reason
+    #: (and what to use instead) that :func:`aptune.arch.get_spec` gives
+    unsupported: ClassVar[dict[str, str]] = {}
 
     def describe(self, model: nn.Module) -> ModelStructure:
         raise NotImplementedError
@@ -160,6 +167,10 @@ class ArchSpec:
     def drop_ffn(self, model: nn.Module, site: FFNSite) -> None:
         """Replace a sublayer whose neurons are all pruned with a module that skips it."""
         raise NotImplementedError
+
+    def facts(self, model: nn.Module) -> dict[str, str]:
+        """Family-specific facts worth showing (``aptune info``): per-head norms, sliding windows, soft-capping."""
+        return {}
 
     def update_config(self, config: Any, plan: dict) -> bool:
         """Write the compacted sizes into ``config`` when the family's config can express them.

@@ -1,4 +1,5 @@
-"""LLaMA-family spec: LLaMA (Llama 2 and 3, SmolLM), Qwen2 and Mistral decoders, grouped-query attention included.
+"""LLaMA-family spec: LLaMA (Llama 2 and 3, SmolLM), Qwen2, Qwen3 and Mistral decoders, grouped-query attention
+included.
 
 Pre-norm layers: ``h = h + o(attn(RMSNorm(h)))`` then ``h = h + down(act(gate(x)) * up(x))`` with
 ``x = RMSNorm(h)``. A sublayer whose heads (or neurons) are all pruned adds nothing to the residual stream, so
@@ -8,6 +9,10 @@ Grouped-query attention: query head ``h`` reads key/value head ``h // group_size
 repeats each key/value head over consecutive query heads). The pruning unit is one key/value head with its
 group of query heads, so every site keeps its group size, and transformers' attention modules, which infer
 the head counts from the tensor shapes, run unchanged on the compacted weights.
+
+Qwen3 normalises queries and keys per head (``q_norm``/``k_norm``, of size ``head_dim``, shared by every head):
+they act within a head, so pruning heads or hidden channels leaves them whole; they go only with their whole
+sublayer and, like the final norm, are not counted in the budget.
 
 Hidden channels: the token embedding's output, every ``o_proj``/``down_proj`` output and every norm's output
 are multiplied by the hidden mask, which keeps the residual stream zero on pruned channels; RMS statistics use
@@ -26,9 +31,22 @@ from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure
 
 
 class SkippedAttention(nn.Module):
-    """Stands in for an attention sublayer whose heads were all removed: it adds nothing to the residual."""
+    """Stands in for an attention sublayer whose heads were all removed: it adds nothing to the residual.
+
+    It still advances its layer of the key/value cache, with one placeholder head of size 1, so the cache's
+    sequence length and mask sizes (which transformers reads from the first layer of each attention kind)
+    stay right when that layer's attention is the one removed.
+    """
+
+    def __init__(self, layer_idx: int | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
 
     def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and self.layer_idx is not None and hasattr(cache, "update"):
+            placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
 
@@ -47,7 +65,7 @@ def _skip_ffn(module, args, kwargs, output):
     return torch.zeros_like(output)
 
 
-_PREFIXES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+_PREFIXES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 # Task heads by class-name suffix: the attributes that hold them (each reads the final hidden states).
 _HEAD_SUFFIXES = {"Model": [], "ForCausalLM": ["lm_head"], "ForSequenceClassification": ["score"]}
 # The heads a task class initialises anew (trained by default); a language-model head is pretrained.
@@ -58,6 +76,12 @@ class LlamaSpec(ArchSpec):
     family = "llama"
     model_types = tuple(_PREFIXES)
     model_classes = tuple(p + s for p in _PREFIXES.values() for s in _HEAD_SUFFIXES)
+    unsupported = {
+        "qwen3_moe": "Qwen3 mixture-of-experts models are not supported (dense Qwen3 models are)",
+        "qwen2_moe": "Qwen2 mixture-of-experts models are not supported (dense Qwen2 models are)",
+        "mixtral": "Mixtral (mixture of experts) is not supported (Mistral is)",
+        "phi3": "Phi-3 and Phi-4-mini (fused qkv_proj and gate_up_proj) are not supported yet",
+    }
 
     def describe(self, model: nn.Module) -> ModelStructure:
         base = model.base_model
@@ -73,6 +97,9 @@ class LlamaSpec(ArchSpec):
         producers: list[nn.Linear] = []
         norms: list[nn.Module] = []
         for i, layer in enumerate(layers):
+            attn_names, ffn_names = self.sublayer_norms(layer)
+            attn_norms = [getattr(layer, n) for n in attn_names]
+            ffn_norms = [getattr(layer, n) for n in ffn_names]
             att = layer.self_attn
             if isinstance(att, SkippedAttention):
                 attention.append(AttentionSite.dead(f"layers.{i}.self_attn", i, default_head_dim))
@@ -92,12 +119,12 @@ class LlamaSpec(ArchSpec):
                         head_dim=head_dim,
                         block=att,
                         skip=_skip_attention,
-                        norms=[layer.input_layernorm],
+                        norms=attn_norms,
                     )
                 )
                 readers += [q, k, v]
                 producers.append(o)
-                norms.append(layer.input_layernorm)
+                norms += attn_norms
             mlp = layer.mlp
             if isinstance(mlp, SkippedMLP):
                 ffn.append(FFNSite(f"layers.{i}.mlp", i, None, None, 0, None, None))
@@ -112,19 +139,19 @@ class LlamaSpec(ArchSpec):
                         block=mlp,
                         skip=_skip_ffn,
                         gate=mlp.gate_proj,
-                        norms=[layer.post_attention_layernorm],
+                        norms=ffn_norms,
                     )
                 )
                 readers += [mlp.gate_proj, mlp.up_proj]
                 producers.append(mlp.down_proj)
-                norms.append(layer.post_attention_layernorm)
+                norms += ffn_norms
         norms.append(base.norm)
 
         embed = base.embed_tokens
         head_modules: dict[str, nn.Module] = {}
         new_heads: dict[str, nn.Module] = {}
         tied: list[tuple[nn.Linear, nn.Embedding]] = []
-        for attr in _head_attributes(model):
+        for attr in self.head_attributes(model):
             module = getattr(model, attr)
             readers.append(module)
             head_modules[attr] = module
@@ -140,6 +167,7 @@ class LlamaSpec(ArchSpec):
             norms=norms,
             mask_outputs=[embed],
             tied=tied,
+            norm_over_kept=self.norm_over_kept,
         )
         return ModelStructure(
             family=self.family,
@@ -153,15 +181,32 @@ class LlamaSpec(ArchSpec):
             new_heads=new_heads,
         )
 
+    # -- what a family that differs from LLaMA overrides (see arch/gemma.py) ----------------------------------
+    #: the norm of a partly masked hidden stream over its kept channels (None: aptune.masks' RMS norm)
+    norm_over_kept = None
+
+    def sublayer_norms(self, layer: nn.Module) -> tuple[list[str], list[str]]:
+        """Names of the norms that belong to a layer's attention and to its FFN sublayer."""
+        return ["input_layernorm"], ["post_attention_layernorm"]
+
+    def head_attributes(self, model: nn.Module) -> list[str]:
+        """The attributes of ``model`` that hold its task heads."""
+        return _head_attributes(model)
+
     def drop_attention(self, model: nn.Module, site: AttentionSite) -> None:
         layer = model.base_model.layers[site.layer]
-        layer.self_attn = SkippedAttention()
-        layer.input_layernorm = nn.Identity()
+        layer.self_attn = SkippedAttention(site.layer)
+        for name in self.sublayer_norms(layer)[0]:
+            setattr(layer, name, nn.Identity())
 
     def drop_ffn(self, model: nn.Module, site: FFNSite) -> None:
         layer = model.base_model.layers[site.layer]
         layer.mlp = SkippedMLP()
-        layer.post_attention_layernorm = nn.Identity()
+        for name in self.sublayer_norms(layer)[1]:
+            setattr(layer, name, nn.Identity())
+
+    def facts(self, model: nn.Module) -> dict[str, str]:
+        return decoder_facts(model)
 
     def update_config(self, config: Any, plan: dict) -> bool:
         heads, kv_heads, neurons = plan["heads"], plan["kv_heads"], plan["neurons"]
@@ -185,3 +230,43 @@ def _head_attributes(model: nn.Module) -> list[str]:
         if name.startswith(prefix):
             return _HEAD_SUFFIXES.get(name[len(prefix) :], [])
     return []
+
+
+def decoder_facts(model: nn.Module) -> dict[str, str]:
+    """What ``aptune info`` shows about a decoder beyond its shapes: per-head q/k norms, sliding-window layers,
+    soft-capping, the embedding scale and tied embeddings (only the facts that apply)."""
+    config = model.config
+    base = model.base_model
+    facts: dict[str, str] = {}
+    live = [layer.self_attn for layer in base.layers if not isinstance(layer.self_attn, SkippedAttention)]
+    if live and getattr(live[0], "q_norm", None) is not None:
+        facts["q/k norms"] = (
+            f"per head (size {live[0].q_norm.weight.shape[0]}), shared by all heads: kept whole when heads "
+            "are pruned"
+        )
+    types = list(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if window and sliding:
+        facts["sliding window"] = (
+            f"{window} tokens in {len(sliding)} of {len(types)} layers, global in the others"
+        )
+    caps = [
+        f"{what} {value:g}"
+        for what, value in (
+            ("attention", getattr(config, "attn_logit_softcapping", None)),
+            ("final logits", getattr(config, "final_logit_softcapping", None)),
+        )
+        if value
+    ]
+    if caps:
+        facts["soft-capping"] = ", ".join(caps)
+    scale = getattr(base.embed_tokens, "embed_scale", None)
+    if scale is not None:
+        facts["embedding scale"] = (
+            f"{float(scale):g} (sqrt of the original hidden size; kept after hidden pruning)"
+        )
+    head = getattr(model, "lm_head", None)
+    if head is not None and head.weight is base.embed_tokens.weight:
+        facts["tied embeddings"] = "lm_head shares the token embedding"
+    return facts
