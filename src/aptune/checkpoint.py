@@ -311,10 +311,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer: dict,
     keep: int,
+    rng: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and keep the ``keep`` newest. ``method`` is the run's
-    :class:`aptune.methods.Method`; ``trainer`` the loop's own state (the global random generators are
-    added here)."""
+    :class:`aptune.methods.Method`; ``trainer`` the loop's own state; ``rng`` the global random generators'
+    states of every process, in process order (default: this process's)."""
     from .compact import shape_and_ranks
 
     path = checkpoint_dir(output_dir, step)
@@ -323,7 +324,8 @@ def save_checkpoint(
         write_state(tmp, "model", method.model.state_dict())
         write_state(tmp, "method", method.state_dict())
         write_state(tmp, "optimizer", optimizer_state(optimizer))
-        write_state(tmp, "trainer", {**trainer, "rng": rng_state()})  # last: marks the folder complete
+        rng = rng if rng is not None else [rng_state()]
+        write_state(tmp, "trainer", {**trainer, "rng": rng})  # last: marks the folder complete
     keep_latest(output_dir, keep)
     return path
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .adapter import add_adapters, rank_saliences
 from .arch import describe, is_causal_lm
 from .budget import StructureShape, count_prunable
@@ -58,6 +59,9 @@ class APTController:
         for p in model.parameters():
             p.requires_grad_(False)
         self.adapters = add_adapters(model, c.adapter_targets, rank=c.initial_rank)
+        # grown adapter rows are drawn from their own generator, seeded here from the global one: the same
+        # in every process of a multi-process run, and untouched by dropout's draws
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
         if c.train_head:
             for module in describe(model).new_heads.values():
                 for p in module.parameters():
@@ -201,18 +205,24 @@ class APTController:
         total: BlockScores | None = None
         inputs: tuple[list[Tensor | None], list[Tensor | None]] | None = None
         n = rows = 0
-        for batch in _micro_batches(batches, c.one_shot_micro_batch):
+        # a multi-process run shares the passes out (process r takes passes r, r + N, ...) and sums them
+        processes, me = distributed.world_size(), distributed.rank()
+        for i, batch in enumerate(_micro_batches(batches, c.one_shot_micro_batch)):
+            n += 1
+            rows += len(batch["input_ids"]) if "input_ids" in batch else 1
+            if i % processes != me:
+                continue
             self.collector.start()
             loss = self.model(**batch).loss
             loss.backward()
             self.collector.stop()
-            if c.use_kurtosis:
+            if c.use_kurtosis:  # summed here, divided by the number of passes below
                 heads, neurons = self.collector.mean_inputs()
                 if inputs is None:
                     inputs = (heads, neurons)
-                else:  # the running mean over batches
+                else:
                     inputs = tuple(
-                        [_mean_of(o, x, n) for o, x in zip(old, new, strict=True)]
+                        [_add(o, x) for o, x in zip(old, new, strict=True)]
                         for old, new in zip(inputs, (heads, neurons), strict=True)
                     )
             current = self.collector.scores()
@@ -222,12 +232,18 @@ class APTController:
                 torch._foreach_add_(total.tensors(), current.tensors())
             for p in trainable:
                 p.grad = None
-            n += 1
-            rows += len(batch["input_ids"]) if "input_ids" in batch else 1
-        if total is None:
+        if n == 0:
             raise ValueError("calibration got no batches")
+        if processes > 1:
+            if total is None:  # fewer passes than processes: this one scored nothing
+                total = BlockScores.zeros(describe(self.model), device=next(self.model.parameters()).device)
+            distributed.all_reduce_(total.tensors(), "sum")
         if inputs is not None:
-            self.head_inputs, self.neuron_inputs = inputs
+            if processes > 1:
+                distributed.all_reduce_([x for part in inputs for x in part if x is not None], "sum")
+            self.head_inputs, self.neuron_inputs = (
+                [None if x is None else x / n for x in part] for part in inputs
+            )
         self.scores = total
         shape = StructureShape.of(describe(self.model))
         sel = self._select(shape, self.selection_scores(), c.initial_density)
@@ -291,9 +307,10 @@ class APTController:
         if not self.in_window:
             return
         beta = self.config.beta
-        self._blend_ranks(beta)
+        self._blend_ranks(beta)  # from the (already averaged) gradients: the same on every process
         if not self.collecting:
             return
+        self.collector.all_reduce()  # a multi-process run: every process selects from the same sums
         if self.config.use_kurtosis:
             heads, neurons = self.collector.mean_inputs()
             self.head_inputs = [_blend(o, n, beta) for o, n in zip(self.head_inputs, heads, strict=True)]
@@ -393,7 +410,7 @@ class APTController:
             self.config.tuning_expansion,
         )
         importance = [importance_of(s) for s in self.rank_scores]
-        grown = grow_ranks(self.adapters, importance, budget, self.config.max_rank)
+        grown = grow_ranks(self.adapters, importance, budget, self.config.max_rank, self.generator)
         for i, rank in grown.items():
             scores = self.rank_scores[i]
             if scores is not None:
@@ -520,6 +537,7 @@ class APTController:
             "neuron_inputs": [None if x is None else x.clone() for x in self.neuron_inputs],
             "ranks": [a.rank for a in self.adapters],
             "history": list(self.history),
+            "generator": self.generator.get_state(),
             "outliers": None if self._outliers is None else self._outliers.state_dict(),
             "outlier_window": self._outlier_window,
             "distiller": self._distiller_state(),
@@ -590,6 +608,8 @@ class APTController:
         self.scores = None if scores is None else BlockScores.from_state_dict(scores).to(device)
         self.rank_scores = [None if s is None else s.clone() for s in state["rank_scores"]]
         self.history[:] = state["history"]  # the method's history is this same list
+        if state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
         self._hook_up(StructuralMasks.from_state_dict(state["masks"]))
         if state.get("outliers") is not None:
             self._outliers = BlockScores.from_state_dict(state["outliers"]).to(device)
@@ -623,13 +643,13 @@ def _micro_batches(batches: Iterable[dict[str, Tensor]], rows: int) -> Iterable[
             yield {k: v[start : start + rows] for k, v in batch.items()}
 
 
-def _mean_of(previous: Tensor | None, current: Tensor | None, n: int) -> Tensor | None:
-    """The mean of ``n`` earlier vectors (``previous``) and ``current``."""
+def _add(previous: Tensor | None, current: Tensor | None) -> Tensor | None:
+    """The sum of two optional per-site vectors."""
     if current is None:
         return previous
     if previous is None:
         return current
-    return (previous * n + current) / (n + 1)
+    return previous + current
 
 
 def _blend(previous: Tensor | None, current: Tensor | None, beta: float) -> Tensor | None:

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import ModelStructure
+from .distributed import all_reduce_, world_size
 from .sites import site_state, split_site_state
 
 
@@ -98,6 +99,15 @@ class BlockScores:
 
     def tensors(self) -> list[Tensor]:
         return [*self.heads, *self.neurons, self.hidden]
+
+    @classmethod
+    def zeros(cls, structure: ModelStructure, device: torch.device | str = "cpu") -> BlockScores:
+        """All-zero scores for every block of ``structure``."""
+        return cls(
+            [torch.zeros(s.num_units, device=device) for s in structure.attention],
+            [torch.zeros(s.num_neurons, device=device) for s in structure.ffn],
+            torch.zeros(structure.hidden.size, device=device),
+        )
 
     def blend_(self, current: BlockScores, beta: float = 0.85) -> None:
         """Fold ``current`` into these scores in place: the moving average of spec §4.2."""
@@ -262,6 +272,22 @@ class SalienceCollector:
             acc.__init__()
         self._tokens = None
         self._mask = None
+
+    @torch.no_grad()
+    def all_reduce(self) -> None:
+        """Combine this step's sums over the processes of a multi-process run, each of which saw its slice of
+        the global batch: activations, inputs and token counts add up; gradients are averaged (a process's
+        loss is the mean over its slice, so its gradients are world-size times those of one process that
+        sees the whole batch). Afterwards every process holds what one process would have gathered."""
+        if world_size() == 1:
+            return
+        sites = [*self._heads, *self._neurons, *self._hidden]
+        sums = [t for a in sites for t in (a.act, a.total) if t is not None]
+        if self._tokens is not None:
+            self._tokens = self._tokens.to(self._device())
+            sums.append(self._tokens)
+        all_reduce_(sums, "sum")
+        all_reduce_([a.grad for a in sites if a.grad is not None], "mean")
 
     @torch.no_grad()
     def mean_inputs(self) -> tuple[list[Tensor | None], list[Tensor | None]]:

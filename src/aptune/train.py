@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .budget import param_report
 from .checkpoint import (
     atomic_folder,
@@ -37,6 +38,7 @@ from .checkpoint import (
     load_optimizer_state,
     read_state,
     resolve_resume,
+    rng_state,
     save_checkpoint,
     set_rng_state,
 )
@@ -202,7 +204,11 @@ class Prepared:
 def prepare(config: TrainConfig) -> Prepared:
     """Resolve the task, load and check the data, the tokenizer and the model (the model's family last:
     an unsupported one fails before any training)."""
+    from accelerate.utils import set_seed
+
     from .arch import get_spec
+
+    set_seed(config.seed)  # a task head the model lacks is initialised now: from the run's seed
 
     model_path = _resolve_model_path(config.model)
     task = resolve_task(config, model_path)
@@ -225,6 +231,17 @@ def _accelerator(config: TrainConfig):
     if state and state.get("distributed_type") is not None and state.get("num_processes", 1) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+
+
+def check_parallelism(accelerator) -> None:
+    """Data parallelism only: pruning removes rows and columns of whole weight matrices, which a sharded model
+    (FSDP, DeepSpeed ZeRO-3, Megatron) does not hold on any one process."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(
+            f"aptune train does not support {kind} yet: physical removal of pruned blocks needs each process to "
+            "hold whole weight matrices; launch data-parallel processes instead (accelerate launch --multi_gpu)"
+        )
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -259,8 +276,8 @@ class BatchStream:
     the position in that order a checkpoint records: the epoch, the batches taken from it, and the state
     of the loader's generator when the epoch started (the shuffle is drawn from it)."""
 
-    def __init__(self, loader: Any, accumulate: int):
-        self.loader, self.accumulate = loader, accumulate
+    def __init__(self, loader: Any, accumulate: int, min_rows: int = 1):
+        self.loader, self.accumulate, self.min_rows = loader, accumulate, min_rows
         self.epoch = 0
         self.position = 0  # batches taken from the current epoch
         self._batches = None
@@ -277,8 +294,9 @@ class BatchStream:
                 self._batches, group = None, []
                 self.epoch += 1
                 continue
-            group.append(batch)
             self.position += 1
+            if _rows(batch) >= self.min_rows:  # a multi-process run skips a last batch too short to share
+                group.append(batch)
         return group
 
     def _start_epoch(self) -> None:
@@ -318,20 +336,49 @@ class BatchStream:
         self.position = state["position"]
 
 
+def _rows(batch: dict[str, torch.Tensor]) -> int:
+    return len(next(iter(batch.values())))
+
+
+def shard(
+    batch: dict[str, torch.Tensor], index: int, processes: int
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Process ``index``'s contiguous share of the rows of a global ``batch``, and the weight of its mean loss
+    (its rows x ``processes`` / the batch's rows), so that the processes' average loss and gradient are those
+    of the whole batch."""
+    if processes == 1:
+        return batch, 1.0
+    rows = _rows(batch)
+    start, end = rows * index // processes, rows * (index + 1) // processes
+    return {k: v[start:end] for k, v in batch.items()}, (end - start) * processes / rows
+
+
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
 # Settings that may differ between a run and its resumption: where it writes and what it reports.
 RESUMABLE_CHANGES = ("output_dir", "resume", "save_every", "keep_checkpoints", "progress", "measure_speed")
 
 
-def run_configs(config: TrainConfig, apt: APTConfig, baseline: BaselineConfig) -> dict[str, Any]:
+def run_configs(
+    config: TrainConfig, apt: APTConfig, baseline: BaselineConfig, processes: int = 1
+) -> dict[str, Any]:
     train = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    train["processes"] = processes  # each process's random generators are in the checkpoint
     return {"train": train, "apt": apt.to_dict(), "baseline": baseline.to_dict()}
 
 
 def check_same_run(
-    trainer: dict[str, Any], config: TrainConfig, apt: APTConfig, baseline: BaselineConfig, source: Path
+    trainer: dict[str, Any],
+    config: TrainConfig,
+    apt: APTConfig,
+    baseline: BaselineConfig,
+    source: Path,
+    processes: int = 1,
 ) -> None:
     """A checkpoint continues only the run that wrote it: every setting that shapes training must match."""
-    now, then = run_configs(config, apt, baseline), trainer["configs"]
+    now, then = run_configs(config, apt, baseline, processes), trainer["configs"]
     changed = [
         f"{key} ({then[part].get(key)!r} -> {now[part].get(key)!r})"
         for part in now
@@ -345,7 +392,8 @@ def check_same_run(
 def resume_source(config: TrainConfig, apt: APTConfig, baseline: BaselineConfig) -> Path:
     """The checkpoint ``config.resume`` names, checked to belong to this run (reads its small JSON part only)."""
     source = resolve_resume(config.resume, config.output_dir)
-    check_same_run(read_state(source, "trainer"), config, apt, baseline, source)
+    processes = distributed.launched_processes()
+    check_same_run(read_state(source, "trainer"), config, apt, baseline, source, processes)
     return source
 
 
@@ -380,6 +428,8 @@ def train(
     data = prepared.data or TaskData(loaders)
     accelerator = _accelerator(config)
     device = accelerator.device
+    processes, main_process = accelerator.num_processes, accelerator.is_main_process
+    check_parallelism(accelerator)
     model.to(device)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -420,8 +470,10 @@ def train(
     def new_optimizer(parameters):
         return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
+    # every process starts from process 0's adapters and heads (a run resumed from a checkpoint loads them)
+    distributed.broadcast_(method.trainable_parameters())
     optimizer = new_optimizer(method.trainable_parameters())
-    stream = BatchStream(loaders["train"], accumulate)
+    stream = BatchStream(loaders["train"], accumulate, min_rows=processes)
     setup_time = time.perf_counter() - started
     run = RunState(setup_time_s=setup_time, train_time_s=setup_time)  # setup counts as training time too
     if saved is not None:
@@ -433,10 +485,12 @@ def train(
         run = RunState.from_dict(saved["trainer"]["run"])
         run.resumed_from.append({"step": run.step, "checkpoint": str(source)})
         stream.load_state_dict(saved["trainer"]["data"], loaders)
-        set_rng_state(saved["trainer"]["rng"])  # last: nothing after it draws random numbers before step 1
+        set_rng_state(saved["trainer"]["rng"][distributed.rank()])  # last: nothing after it draws randomness
         del saved
+    elif processes > 1:
+        set_seed(config.seed, device_specific=True)  # each process its own dropout (seed + process index)
     density, n_trainable = method.density(), sum(p.numel() for p in model.parameters() if p.requires_grad)
-    progress = _Progress(total, config.progress, initial=run.step)
+    progress = _Progress(total, config.progress and main_process, initial=run.step)
     model.train()
 
     while run.step < total:
@@ -448,22 +502,27 @@ def train(
         method.before_forward()  # salience is gathered over every micro-batch of this step
         loss_sum = None
         for batch in group:
+            batch, weight = shard(batch, distributed.rank(), processes)  # this process's rows of the batch
             batch = {k: v.to(device) for k, v in batch.items()}
             with accelerator.autocast():
-                loss = method.compute_loss(batch) / accumulate
+                loss = method.compute_loss(batch) * (weight / accumulate)
             accelerator.backward(loss)
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()  # no host sync here
+        if processes > 1:  # the gradient of the global batch's mean loss, on every process
+            distributed.all_reduce_(
+                [p.grad for p in optimizer_parameters(optimizer) if p.grad is not None], "mean"
+            )
+            distributed.all_reduce_([loss_sum], "mean")
         method.after_backward()  # decisions are taken once per optimizer step
         if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
-            )
+            torch.nn.utils.clip_grad_norm_(optimizer_parameters(optimizer), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         run.step += 1
         step = run.step
         if method.after_step():
             model = method.model
+            distributed.broadcast_(method.trainable_parameters())  # grown adapters start equal everywhere
             optimizer = new_optimizer(method.trainable_parameters())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -478,6 +537,7 @@ def train(
         if evaluate_now:
             started = time.perf_counter()
             val = task.evaluate(model, loaders["validation"], device)
+            val = distributed.broadcast_float(val, device)  # decisions that read it agree across processes
             run.eval_time_s += time.perf_counter() - started
             method.observe_validation(task.selection_score(val))
             run.history.append(
@@ -496,13 +556,18 @@ def train(
                 run.best_state = _trainable_state(model)
         if config.save_every and step % config.save_every == 0 and step < total:
             started = time.perf_counter()
-            trainer = {
-                "run": run.to_dict(),
-                "data": stream.state_dict(loaders),
-                "configs": run_configs(config, apt, baseline),
-            }
-            keep = config.keep_checkpoints
-            save_checkpoint(out, step, method=method, optimizer=optimizer, trainer=trainer, keep=keep)
+            rng = distributed.all_gather_objects(rng_state())  # each process continues its own streams
+            if main_process:
+                trainer = {
+                    "run": run.to_dict(),
+                    "data": stream.state_dict(loaders),
+                    "configs": run_configs(config, apt, baseline, processes),
+                }
+                keep = config.keep_checkpoints
+                save_checkpoint(
+                    out, step, method=method, optimizer=optimizer, trainer=trainer, rng=rng, keep=keep
+                )
+            distributed.barrier()
             run.checkpoint_time_s += time.perf_counter() - started
     progress.close()
 
@@ -516,6 +581,9 @@ def train(
     if config.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     model.eval()
+    if not main_process:  # the model is the same on every process: process 0 evaluates and saves it
+        distributed.barrier()
+        return {}
     metrics = {
         "validation_metric": task.metric,
         "best_validation": best["validation"],
@@ -542,6 +610,7 @@ def train(
         "train_losses": run.losses,  # the loss of every optimizer step
         "peak_memory_mb": peak_memory,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+        "processes": processes,  # peak memory and times are process 0's
         "steps": step,
         "steps_per_epoch": steps_per_epoch,
         "final_structure_step": select_from,
@@ -556,6 +625,7 @@ def train(
     if config.measure_speed:
         report["inference"] = task.compare_speed(prepared.model_path, model, data, config, device)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    distributed.barrier()
     return report
 
 

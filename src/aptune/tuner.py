@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from .adapter import APTLinear
@@ -15,7 +16,11 @@ def adapter_params(adapters: Sequence[APTLinear]) -> int:
 
 
 def grow_ranks(
-    adapters: Sequence[APTLinear], importance: Sequence[float], budget: float, max_rank: int = 64
+    adapters: Sequence[APTLinear],
+    importance: Sequence[float],
+    budget: float,
+    max_rank: int = 64,
+    generator: torch.Generator | None = None,
 ) -> dict[int, int]:
     """Grow the top half of the adapters (by importance, among those below ``max_rank``) to fill ``budget``.
 
@@ -37,7 +42,7 @@ def grow_ranks(
     for i in chosen:
         new = grow_rank_fill(adapters[i].rank, budget, now, selected, max_rank)
         if new > adapters[i].rank:
-            adapters[i].grow(new)
+            adapters[i].grow(new, generator)
             grown[i] = new
     return grown
 

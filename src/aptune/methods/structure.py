@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..arch import describe
 from ..budget import StructureShape, count_prunable
 from ..compact import compact
@@ -81,6 +82,8 @@ def select_under_budget(
     structure = describe(model)
     shape = StructureShape.of(structure)
     target = int(density * base_params(model))
+    # a multi-process run selects from process 0's scores, so every process removes the same blocks
+    distributed.broadcast_([*head_scores, *neuron_scores])
     if shape_kind == "uniform":
         return select_uniform(
             shape,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..config import ConfigError
 from ..evaluate import compare_throughput, quiet_transformers
 from .base import Task, TaskData
@@ -40,12 +41,15 @@ def load_causal_lm(source: str, dtype: torch.dtype = torch.float32) -> nn.Module
 
 
 @torch.no_grad()
-def labelled_perplexity(model: nn.Module, batches: Any, device: torch.device | None = None) -> float:
-    """exp of the mean next-token loss over every labelled token (labels != -100) of ``batches``."""
+def labelled_perplexity(
+    model: nn.Module, batches: Any, device: torch.device | None = None, shared: bool = False
+) -> float:
+    """exp of the mean next-token loss over every labelled token (labels != -100) of ``batches``.
+    ``shared``: as for :func:`aptune.evaluate.accuracy`, each process scores its share."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
-    for batch in batches:
+    for batch in distributed.my_share(batches) if shared else batches:
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()
@@ -56,6 +60,8 @@ def labelled_perplexity(model: nn.Module, batches: Any, device: torch.device | N
         total += loss.double().cpu()
         count += int((target != -100).sum())
     model.train(was_training)
+    if shared:
+        total, count = distributed.sum_over_processes([float(total), count])
     if count == 0:
         raise ValueError("no labelled tokens to score")
     return math.exp(min(float(total) / count, 700.0))
@@ -115,7 +121,7 @@ class CausalLMTask(Task):
         return load_causal_lm(source, dtype)
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> float:
-        return labelled_perplexity(model, loader, device)
+        return labelled_perplexity(model, loader, device, shared=True)
 
     def final_metrics(
         self, model: nn.Module, data: TaskData, config: TrainConfig, device: torch.device, tokenizer: Any

@@ -72,7 +72,7 @@ class ClassificationTask(Task):
         return load_classifier(source, data.info["labels"], dtype)
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> float:
-        return accuracy(model, loader, device)
+        return accuracy(model, loader, device, shared=True)
 
     def final_metrics(
         self, model: nn.Module, data: TaskData, config: TrainConfig, device: torch.device, tokenizer: Any

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import distributed
 from ...adapter import merge_adapters
 from ...compact import compact, cut_to
 from ...config import APTConfig
@@ -105,6 +106,7 @@ class MaskTuning(PruningBaseline):
                 "after": sum(f.after for f in fits),
             }
         compact(model, masks)
+        distributed.broadcast_(list(model.parameters()))  # the rescaled weights of process 0, everywhere
         self.add_lora()  # a fresh LoRA retrains the pruned model
         record["density"] = self.density()
         self.history.append(record)
