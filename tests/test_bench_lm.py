@@ -105,9 +105,11 @@ def test_a_half_finished_method_resumes_from_its_newest_checkpoint(tmp_path):
 def test_packaged_model_aliases_resolve_in_the_parent(monkeypatch, tmp_path):
     monkeypatch.setattr("aptune.assets.smollm2_path", lambda: tmp_path / "smol")
     monkeypatch.setattr("aptune.assets.minilm_path", lambda: tmp_path / "mini")
+    monkeypatch.setattr("aptune.assets.gemma3_270m_path", lambda: tmp_path / "gemma")
     monkeypatch.chdir(tmp_path)
     assert resolve_model("smollm2") == str(tmp_path / "smol")
     assert resolve_model("minilm") == resolve_model("") == str(tmp_path / "mini")
+    assert resolve_model("gemma3-270m") == str(tmp_path / "gemma")
     assert resolve_model("org/some-model") == "org/some-model"
 
 

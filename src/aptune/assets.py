@@ -138,3 +138,13 @@ def gemma3_270m_path(cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return folder
+
+
+# Short names for the models that ship as PyPI packages (``--model NAME`` in ``aptune train`` and ``bench``).
+PACKAGED = {"minilm": "minilm_path", "smollm2": "smollm2_path", "gemma3-270m": "gemma3_270m_path"}
+
+
+def packaged_path(name: str) -> Path | None:
+    """The folder of packaged model ``name`` ("" is MiniLM), prepared on first use; None for other names."""
+    function = PACKAGED.get(name or "minilm")
+    return None if function is None else globals()[function]()

@@ -55,7 +55,7 @@ METHODS = method_names()  # the registered methods (aptune.methods.register adds
 class TrainConfig:
     """Everything about a run except the APT knobs. CLI flags mirror these fields."""
 
-    model: str = ""  # a folder, a hub name, or a packaged model: "" / "minilm", "smollm2"
+    model: str = ""  # a folder, a hub name, or a packaged model: "" / "minilm", "smollm2", "gemma3-270m"
     task: str | None = None  # classification | causal-lm; default: inferred from the data and the model
     data: str | None = None  # a data set name ("rt-polarity"), a folder of split files, or a hub name
     train: str | None = None
@@ -143,20 +143,16 @@ def peak_rss_mb() -> float:
 # -- loading --------------------------------------------------------------------------------------------
 
 
-PACKAGED_MODELS = ("minilm", "smollm2")  # names of the models that ship as PyPI packages (aptune.assets)
+PACKAGED_MODELS = ("minilm", "smollm2", "gemma3-270m")  # models that ship as PyPI packages (aptune.assets)
 
 
 def _resolve_model_path(name: str) -> str:
     """A model folder or hub name; "" or "minilm" is the packaged all-MiniLM-L6-v2, "smollm2" the packaged
-    SmolLM2-135M-Instruct (converted from its GGUF file once)."""
-    if not name or name == "minilm":
-        from .assets import minilm_path
+    SmolLM2-135M-Instruct, "gemma3-270m" the packaged gemma-3-270m (both converted from GGUF files once)."""
+    if not name or name in PACKAGED_MODELS:
+        from .assets import packaged_path
 
-        return str(minilm_path())
-    if name == "smollm2":
-        from .assets import smollm2_path
-
-        return str(smollm2_path())
+        return str(packaged_path(name))
     path = Path(name)
     if path.exists():
         if not (path / "config.json").is_file():

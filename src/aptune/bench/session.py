@@ -40,22 +40,16 @@ RESULTS_MD = "results.md"
 
 
 def resolve_model(model: str) -> str:
-    """The model the children train: an existing folder or a hub name as given; the packaged MiniLM folder
-    for "" or "minilm" (installed once, here), the packaged SmolLM2-135M-Instruct for "smollm2" (converted
-    once, here, so the children do not race to convert it). A folder of that name in the working directory
-    wins over an alias."""
+    """The model the children train: an existing folder or a hub name as given; a packaged model for its short
+    name ("" or "minilm", "smollm2", "gemma3-270m": installed or converted once, here, so the children do not
+    race to convert it). A folder of that name in the working directory wins over an alias."""
+    from ..assets import packaged_path
+
     path = Path(model).expanduser()
     if model and path.exists():
         return str(path)
-    if not model or model == "minilm":
-        from ..assets import minilm_path
-
-        return str(minilm_path())
-    if model == "smollm2":
-        from ..assets import smollm2_path
-
-        return str(smollm2_path())
-    return model
+    packaged = packaged_path(model)
+    return model if packaged is None else str(packaged)
 
 
 def resolve_device(config: BenchConfig) -> str:
