@@ -111,3 +111,37 @@ def test_sharded_launches_stop_with_one_line(kind):
         check_parallelism(Launched())
     Launched.distributed_type = DistributedType.MULTI_GPU
     check_parallelism(Launched())  # data parallel is fine
+
+
+TRAINER_CHILD = Path(__file__).with_name("ddp_trainer_child.py")
+
+
+@pytest.fixture(scope="module")
+def trainer_alone(tmp_path_factory):
+    """APTCallback in a single-process Trainer run with the global batch (16 rows per step)."""
+    out = tmp_path_factory.mktemp("trainer-one")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(
+        [sys.executable, str(TRAINER_CHILD), str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(out / "final.safetensors"))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_trainer_callback_on_two_processes(tmp_path, trainer_alone, checkpointing):
+    """Two Trainer processes with APTCallback (8 rows each) hold the same adapters, masks and ranks after every
+    step, and end where one process with 16 rows per step ends: same structure, weights within 2e-4 after 100
+    Adam steps (float summation order; Adam amplifies it a little)."""
+    args = [str(TRAINER_CHILD), str(tmp_path), *(["--gradient-checkpointing"] if checkpointing else [])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads((tmp_path / f"steps-rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(steps[0]) == 100 and steps[0] == steps[1]
+    final = load_file(str(tmp_path / "final.safetensors"))
+    assert final.keys() == trainer_alone.keys()
+    for name, value in trainer_alone.items():
+        torch.testing.assert_close(final[name], value, rtol=0, atol=2e-4)

@@ -184,7 +184,7 @@ class APTController:
         return self.prunes_in_training and self.in_window
 
     # -- one-shot pruning before tuning (the decoder recipe) ------------------------------------------------
-    def calibrate(self, batches: Iterable[dict[str, Tensor]]) -> dict[str, Any]:
+    def calibrate(self, batches: Iterable[dict[str, Tensor]], same_everywhere: bool = True) -> dict[str, Any]:
         """Score blocks on the first ``one_shot_batches`` of ``batches`` and prune once to ``initial_density``
         (spec §5.7).
 
@@ -194,6 +194,11 @@ class APTController:
         per-micro-batch salience is summed, the outlier term (``use_kurtosis``) is added, blocks are selected
         under the ``initial_density`` budget and removed physically before the first optimizer step, so
         training runs on the smaller model. Returns a summary, also appended to ``history``.
+
+        In a multi-process run the sums are all-reduced before the selection, so every process removes the same
+        blocks. ``same_everywhere``: every process iterates the same ``batches`` (aptune's loop), so the scoring
+        passes are shared out (process r takes passes r, r + N, ...); pass False when each process has its own
+        batches (a Trainer's sharded dataloader): each then scores all of its own.
         """
         c = self.config
         if c.recipe != "one-shot":
@@ -204,14 +209,14 @@ class APTController:
         batches = itertools.islice(batches, c.one_shot_batches)
         total: BlockScores | None = None
         inputs: tuple[list[Tensor | None], list[Tensor | None]] | None = None
-        n = rows = 0
-        # a multi-process run shares the passes out (process r takes passes r, r + N, ...) and sums them
-        processes, me = distributed.world_size(), distributed.rank()
+        n = rows = 0  # this process's scoring passes and rows
+        processes = distributed.world_size()
+        split, me = (processes, distributed.rank()) if same_everywhere else (1, 0)
         for i, batch in enumerate(_micro_batches(batches, c.one_shot_micro_batch)):
+            if i % split != me:
+                continue
             n += 1
             rows += len(batch["input_ids"]) if "input_ids" in batch else 1
-            if i % processes != me:
-                continue
             self.collector.start()
             loss = self.model(**batch).loss
             loss.backward()
@@ -232,12 +237,13 @@ class APTController:
                 torch._foreach_add_(total.tensors(), current.tensors())
             for p in trainable:
                 p.grad = None
-        if n == 0:
-            raise ValueError("calibration got no batches")
         if processes > 1:
+            n, rows = (int(x) for x in distributed.sum_over_processes([n, rows]))
             if total is None:  # fewer passes than processes: this one scored nothing
                 total = BlockScores.zeros(describe(self.model), device=next(self.model.parameters()).device)
             distributed.all_reduce_(total.tensors(), "sum")
+        if n == 0:
+            raise ValueError("calibration got no batches")
         if inputs is not None:
             if processes > 1:
                 distributed.all_reduce_([x for part in inputs for x in part if x is not None], "sum")

@@ -52,8 +52,15 @@ checkpointing (``use_reentrant=True``) is refused: its forward runs without grad
 where the activations would have to be read. A controller whose recipe prunes once before training (it is
 not ``calibrated`` yet) is calibrated at train begin on the Trainer's first training batches.
 
+Multi-process (DDP) Trainer runs (``accelerate launch`` / ``torchrun``) work: DDP's own gradient reduction is
+switched off, because its reducer is built over parameters APT later replaces; the callback averages the current
+trainable gradients over processes once per optimizer step, before the controller reads them, and the
+controller all-reduces its salience sums before any selection, so every process prunes the same blocks and grows
+the same adapters (new adapter rows are broadcast from process 0). A one-shot calibration scores each process's
+own first batches and sums over processes. Non-reentrant activation checkpointing works there too.
+
 Unsupported (refused with :class:`UnsupportedTrainerSetup` at bind and train-begin time): DeepSpeed, FSDP,
-fp16 loss scaling, multi-process or DataParallel training, reentrant activation checkpointing,
+fp16 loss scaling, DataParallel (one process over several GPUs), reentrant activation checkpointing,
 ``load_best_model_at_end``, ``auto_find_batch_size``, layer-wise optimizers. Checkpoints the Trainer writes hold
 the model as it is (partly pruned, with adapters) but not the controller's state: resuming needs
 ``controller.load_state_dict`` on a model of the same structure.
@@ -71,6 +78,7 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from transformers import Trainer, TrainerCallback
 
+from .. import distributed
 from ..arch import describe
 from ..controller import APTController
 
@@ -113,12 +121,6 @@ def _setup_problems(trainer: Trainer) -> list[str]:
             "fp16 loss scaling (args.fp16): the gradient scaler multiplies the gradients salience is computed "
             "from by a changing factor, and steps it skips for overflow would feed inf into the salience "
             "averages; train in bf16 (args.bf16) or fp32"
-        )
-    world = max(int(getattr(args, "world_size", 1) or 1), int(getattr(accelerator, "num_processes", 1) or 1))
-    if world > 1:
-        problems.append(
-            f"distributed training ({world} processes): DDP's gradient reducer is built for fixed parameter "
-            "shapes, and each process would prune on its own salience"
         )
     if int(getattr(args, "n_gpu", 0) or 0) > 1:
         problems.append(
@@ -319,8 +321,23 @@ class APTCallback(TrainerCallback):
         if not self._backward_pending:
             return
         self._backward_pending = False
+        if (
+            distributed.world_size() > 1
+        ):  # DDP's reducer is off (see on_step_begin): average the gradients here
+            grads = [p.grad for p in self.controller.trainable_parameters() if p.grad is not None]
+            distributed.all_reduce_(grads, "mean")
         self.controller.after_backward()
         self.after_backward_calls += 1
+
+    def _stop_ddp_reducer(self) -> None:
+        """Multi-process Trainer runs: turn DDP's own gradient reduction off for good. Its reducer is built over
+        the parameters that existed when the Trainer wrapped the model, and APT replaces them (ranks grow, blocks
+        are removed), so the callback all-reduces the current trainable gradients itself, once per step, before
+        the controller reads them (accelerate's ``no_sync`` restores the flag to this value after each
+        micro-batch)."""
+        wrapped = getattr(self._bound(), "model_wrapped", None)
+        if wrapped is not None and hasattr(wrapped, "require_backward_grad_sync"):
+            wrapped.require_backward_grad_sync = False
 
     def _wrap_clipping(self, trainer: Trainer) -> None:
         """Run after_backward right before the Trainer clips gradients (restored at train end)."""
@@ -356,7 +373,7 @@ class APTCallback(TrainerCallback):
             trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()
         )  # calibrate() takes its n
         with trainer.compute_loss_context_manager():
-            c.calibrate(batches)
+            c.calibrate(batches, same_everywhere=False)  # each process scores its own batches; sums reduced
         model.train(was_training)
         model.zero_grad(set_to_none=True)
         self._rebuild_optimizer()
@@ -454,6 +471,8 @@ class APTCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._backward_pending = True
+        if distributed.world_size() > 1:
+            self._stop_ddp_reducer()
         self.controller.before_forward()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -461,6 +480,8 @@ class APTCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.controller.after_step():
+            # parameters a structural change created (grown adapter rows) start equal on every process
+            distributed.broadcast_(self.controller.trainable_parameters())
             self._rebuild_optimizer()
 
     def on_train_end(self, args, state, control, **kwargs):
