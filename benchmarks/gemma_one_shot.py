@@ -14,8 +14,8 @@ Measured:
 
 Gemma expects ``<bos>`` at the start of every sequence: without it gemma-3-270m's perplexity on brown is several
 times higher (a block from the middle of a document: 268 against 36 with ``<bos>`` first). aptune's packed
-blocks carry no ``<bos>``, so this script shifts each block right by one token and puts ``<bos>`` first (not
-scored); ``--no-bos`` scores the blocks as aptune packs them.
+blocks start with ``<bos>`` because Gemma's tokenizer adds one (``<bos>`` and 127 text tokens, the ``<bos>`` not
+scored); ``--no-bos`` drops it from every block (the same 127 text tokens, for comparison).
 
 Calibration: ``--batches`` training batches of 4 x 128 tokens, forward and backward (``APTController.calibrate``),
 the decoder defaults otherwise (``--shape`` and ``--prune-hidden`` override them). The weights are under the
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=32, help="validation blocks of 128 tokens scored")
     parser.add_argument("--shape", choices=["uniform", "per-layer"], default=None)
     parser.add_argument("--prune-hidden", action="store_true", help="prune hidden channels too")
-    parser.add_argument("--no-bos", action="store_true", help="score the packed blocks without a <bos> first")
+    parser.add_argument("--no-bos", action="store_true", help="drop the <bos> that starts every packed block")
     parser.add_argument(
         "--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "brown")
     )
@@ -65,20 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     path = str(gemma3_270m_path())
     config = TrainConfig(model=path, data=args.data, max_length=128, batch_size=4, progress=False)
     prepared = prepare(config)
-    bos = prepared.tokenizer.bos_token_id
 
-    def with_bos(batch: dict) -> dict:
-        """The block shifted right by one token, ``<bos>`` first (not scored)."""
-        if args.no_bos or bos is None:
-            return batch
-        out = dict(batch)
-        first = torch.full_like(batch["input_ids"][:, :1], bos)
-        out["input_ids"] = torch.cat([first, batch["input_ids"][:, :-1]], dim=1)
-        out["labels"] = torch.cat([torch.full_like(first, -100), batch["labels"][:, :-1]], dim=1)
-        return out
+    def blocks(batch: dict) -> dict:
+        """The packed block (``<bos>`` first), or with ``--no-bos`` the block without its ``<bos>``."""
+        return {key: value[:, 1:] for key, value in batch.items()} if args.no_bos else batch
 
     batches = itertools.islice(prepared.loaders["validation"], max(1, args.blocks // 4))
-    validation = [with_bos(b) for b in batches]
+    validation = [blocks(b) for b in batches]
     compare = validation[0]["input_ids"][:2]  # two blocks of real text for the exactness checks
 
     model = prepared.model.eval()
@@ -93,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     controller = APTController(model.train(), apt, total_steps=100, steps_per_epoch=1000)
     controller.prune_physically = lambda: None  # keep the binary masks on the full model to compare
-    calibration = (with_bos(b) for b in itertools.islice(prepared.loaders["calibration"], args.batches))
+    calibration = (blocks(b) for b in itertools.islice(prepared.loaders["calibration"], args.batches))
     t = time.perf_counter()
     controller.calibrate(calibration)
     calibrate_s = time.perf_counter() - t
@@ -131,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "neurons": list(shape.neurons),
         },
         "calibration": f"{args.batches} batches of 4 x 128 tokens, {calibrate_s:.0f} s",
-        "validation_tokens_scored": f"first {len(validation) * 4} blocks of 128 tokens",
+        "validation_tokens_scored": f"first {len(validation) * 4} blocks of {compare.shape[1]} tokens",
         "bos_first": not args.no_bos,
         "perplexity": {"dense": dense, "pruned_one_shot": pruned, "ratio": pruned / dense},
         "exactness_on_brown": {

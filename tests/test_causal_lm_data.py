@@ -11,7 +11,7 @@ from typing import Any
 import datasets
 import pytest
 import torch
-from tiny_lm import tiny_tokenizer
+from tiny_lm import tiny_bos_tokenizer, tiny_tokenizer
 
 from aptune.data import (
     LM_FORMATS,
@@ -27,6 +27,7 @@ from aptune.data import (
     tokenize_chat,
     tokenize_text_blocks,
 )
+from aptune.data.causal_lm import resolve_bos, tokenizer_adds_bos
 
 BROWN = Path(__file__).resolve().parents[2] / "shared" / "data" / "brown"
 END = "<|im_end|>"
@@ -54,6 +55,12 @@ DOCS = [
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bos_tok():
+    """Adds ``<bos>`` first to every plain encode, as Gemma's tokenizer does."""
+    return tiny_bos_tokenizer()
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -332,6 +339,60 @@ def test_packing_short_split_keeps_one_block(tok):
         tokenize_text_blocks(datasets.Dataset.from_dict({"body": ["a"]}), tok, 8)
 
 
+def test_bos_detection_and_resolution(tok, bos_tok):
+    assert not tokenizer_adds_bos(tok) and resolve_bos(tok) is None and resolve_bos(None) is None
+    assert tokenizer_adds_bos(bos_tok) and resolve_bos(bos_tok) == bos_tok.bos_token_id
+    assert resolve_bos(bos_tok, False) is None and resolve_bos(bos_tok, True) == bos_tok.bos_token_id
+    # a BOS token that a plain encode does not add (SmolLM2's <|im_start|>): auto leaves it out
+    named = tiny_tokenizer()
+    named.add_special_tokens({"bos_token": "<|im_start|>"})
+    assert named("a")["input_ids"][0] != named.bos_token_id
+    assert not tokenizer_adds_bos(named) and resolve_bos(named) is None
+    assert resolve_bos(named, True) == named.bos_token_id
+    with pytest.raises(DataError, match="no beginning-of-sequence token"):
+        resolve_bos(tok, True)
+
+
+@pytest.mark.parametrize("block_size", [2, 7, 16])
+def test_packed_blocks_start_with_bos_when_the_tokenizer_adds_one(tok, bos_tok, block_size):
+    bos = bos_tok.bos_token_id
+    stream = expected_stream(bos_tok, DOCS)
+    assert stream == expected_stream(tok, DOCS)  # the same text tokens: only <bos> differs
+    packed = tokenize_text_blocks(datasets.Dataset.from_dict({"text": DOCS}), bos_tok, block_size)
+    blocks = packed["input_ids"]
+    assert len(blocks) == len(stream) // (block_size - 1)
+    for block, labels, mask in zip(blocks, packed["labels"], packed["attention_mask"], strict=True):
+        assert len(block) == block_size and block[0] == bos and bos not in block[1:]
+        assert labels == [-100, *block[1:]]
+        assert mask == [1] * block_size
+    text = [token for block in blocks for token in block[1:]]
+    assert text == stream[: len(text)]  # every text token once, in order
+    assert len(stream) - len(text) < block_size - 1  # only the remainder shorter than a block is dropped
+
+    # bos=False gives the plain packing, bos=True the automatic one; the plain tokenizer adds none
+    docs = datasets.Dataset.from_dict({"text": DOCS})
+    plain = tokenize_text_blocks(docs, tok, block_size)
+    assert tokenize_text_blocks(docs, bos_tok, block_size, bos=False)["input_ids"] == plain["input_ids"]
+    assert tokenize_text_blocks(docs, bos_tok, block_size, bos=True)["input_ids"] == blocks
+    assert all(tok.bos_token_id is None and block[:1] != [bos] for block in plain["input_ids"])
+
+
+def test_packing_with_bos_short_split_and_errors(bos_tok):
+    bos = bos_tok.bos_token_id
+    stream = expected_stream(bos_tok, DOCS[:2])
+    docs = datasets.Dataset.from_dict({"text": DOCS[:2]})
+    packed = tokenize_text_blocks(docs, bos_tok, len(stream) + 50)
+    assert packed["input_ids"] == [[bos, *stream]]
+    assert packed["labels"] == [[-100, *stream]]
+    exact = tokenize_text_blocks(docs, bos_tok, len(stream) + 1)  # one block holds <bos> and the whole stream
+    assert exact["input_ids"] == [[bos, *stream]]
+    with pytest.raises(DataError, match="at least 2"):
+        tokenize_text_blocks(docs, bos_tok, 1)
+    assert tokenize_text_blocks(docs, bos_tok, 1, bos=False)["input_ids"] == [[token] for token in stream]
+    with pytest.raises(DataError, match="no beginning-of-sequence token"):
+        tokenize_text_blocks(docs, tiny_tokenizer(), 8, bos=True)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Chat rendering
 # ----------------------------------------------------------------------------------------------------
@@ -452,6 +513,41 @@ def test_template_breaking_the_prefix_property_is_an_error(tok):
     assert message.startswith(
         "row 0: the tokenizer's chat template does not render conversations incrementally"
     )
+
+
+@pytest.mark.parametrize("template_bos", [True, False])
+def test_chat_rows_get_the_template_bos_and_never_a_second(tok, bos_tok, template_bos):
+    bos = bos_tok.bos_token_id
+    with_bos = tiny_bos_tokenizer(chat_template=False)
+    with_bos.chat_template = ("{{ bos_token }}" if template_bos else "") + tok.chat_template
+    rows = datasets.Dataset.from_list([CHAT_ROWS["messages"], {"messages": MESSAGES[1:3]}])
+    splits = datasets.DatasetDict(train=rows)
+    runs = [
+        (tokenize_chat(rows, with_bos, 512, "messages"), tokenize_chat(rows, tok, 512, "messages")),
+        # bos forced on: it concerns plain-text blocks only, chat rows keep the template's tokens
+        (
+            encode_lm_splits(splits, with_bos, max_length=512, bos=True)["train"],
+            encode_lm_splits(splits, tok, max_length=512)["train"],
+        ),
+    ]
+    for encoded, plain in runs:
+        for row, reference in zip(encoded, plain, strict=True):
+            ids, labels = list(row["input_ids"]), list(row["labels"])
+            head = [bos] if template_bos else []
+            assert ids == head + list(reference["input_ids"])  # one <bos> from the template, or none
+            assert labels == [-100] * len(head) + list(reference["labels"])
+            assert ids.count(bos) == len(head)
+
+
+def test_bos_blocks_through_splits_and_batches(bos_tok, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": doc} for doc in DOCS])
+    write_jsonl(tmp_path / "validation.jsonl", [{"text": doc} for doc in DOCS[:2]])
+    encoded = encode_lm_splits(load_lm_splits(tmp_path), bos_tok, max_length=8)
+    for split in ("train", "validation"):
+        batch = next(iter(make_lm_dataloader(encoded[split], 4, collate_fn=lm_collator(bos_tok))))
+        assert batch["input_ids"][:, 0].eq(bos_tok.bos_token_id).all()
+        assert batch["labels"][:, 0].eq(-100).all()
+        assert torch.equal(batch["labels"][:, 1:], batch["input_ids"][:, 1:])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The decoder families beyond LLaMA: Qwen3 (per-head q/k norms), Gemma, Gemma 2 and the text-only Gemma 3
 (``(1 + weight)`` RMSNorm, a scaled embedding, tied embeddings, a head size unrelated to the hidden size; Gemma 2/3:
-pre- and post-norms around each sublayer, sliding-window layers; Gemma 2: soft-capping; Gemma 3: q/k norms).
+pre- and post-norms around each sublayer, sliding-window layers; Gemma 2: soft-capping; Gemma 3: q/k norms), and
+Phi-3 / Phi-4-mini (fused ``qkv_proj`` and ``gate_up_proj``, partial rotary embeddings, tied embeddings).
 
 Tiny random models from :func:`tiny_lm.tiny_family_lm`: 3 layers, 4 query heads in 2 key/value groups, hidden 32,
 FFN 40; the Gemma models have head size 12 and a sliding window of 4 tokens on layers 0 and 2.
@@ -30,11 +31,15 @@ from aptune.budget import (
     hidden_cost,
     neuron_cost,
 )
+from aptune.compact import load_state_strictly
 
-FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3"]
+FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 GEMMAS = ["gemma", "gemma2", "gemma3"]
 POST_NORMS = ["gemma2", "gemma3"]  # a pre- and a post-norm around each sublayer
-HEAD_DIM = {"qwen3": 8, "gemma": 12, "gemma2": 12, "gemma3": 12}
+QK_NORMS = ["qwen3", "gemma3"]  # per-head q_norm / k_norm
+TIED = [*GEMMAS, "phi3"]
+SPEC = {"qwen3": "llama", "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3"}
+HEAD_DIM = {"qwen3": 8, "gemma": 12, "gemma2": 12, "gemma3": 12, "phi3": 8}
 GREEDY = dict(max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
 
 
@@ -66,7 +71,7 @@ def test_structure_of_each_family():
     for family in FAMILIES:
         model = tiny_family_lm(family)
         structure = describe(model)
-        assert structure.family == ("llama" if family == "qwen3" else "gemma")
+        assert structure.family == SPEC[family]
         per_site = 2 if family in POST_NORMS else 1
         assert [(s.num_heads, s.num_kv_heads, s.head_dim, len(s.norms)) for s in structure.attention] == [
             (4, 2, HEAD_DIM[family], per_site)
@@ -77,13 +82,14 @@ def test_structure_of_each_family():
         # the per-head q/k norms (size head_dim; Qwen3, Gemma 3) are not hidden-channel norms, nor counted
         counted = {id(p) for p in counted_parameters(structure)}
         for layer in model.model.layers:
-            if family in ("gemma", "gemma2"):
+            if family not in QK_NORMS:
                 assert not hasattr(layer.self_attn, "q_norm")
                 continue
             assert layer.self_attn.q_norm.weight.shape == (HEAD_DIM[family],)
             assert id(layer.self_attn.q_norm) not in hidden_norms
             assert id(layer.self_attn.k_norm.weight) not in counted
-        assert bool(structure.hidden.tied) == (family in GEMMAS)
+        assert bool(structure.hidden.tied) == (family in TIED)
+        assert all(s.fused == (family == "phi3") for s in [*structure.attention, *structure.ffn])
 
 
 @pytest.mark.parametrize("case", ["unit", "blocks", "hidden", "all"])
@@ -112,8 +118,9 @@ def test_masked_equals_compacted_and_reloaded_and_generates_alike(family, case, 
         with torch.no_grad():
             torch.testing.assert_close(other(**batch).logits, masked, atol=1e-5, rtol=0)
             assert torch.equal(other.generate(**batch, **GREEDY), masked_tokens)
-    if family in GEMMAS:
+    if family in TIED:
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+    if family in GEMMAS:
         assert float(loaded.model.embed_tokens.embed_scale) == pytest.approx(math.sqrt(32))
 
 
@@ -234,8 +241,8 @@ def test_unsupported_relatives_are_one_clear_line():
     assert "\n" not in str(err.value)
     with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
         get_spec(fake("Qwen3MoeForCausalLM", "qwen3_moe"))
-    with pytest.raises(UnsupportedModelError, match="fused qkv_proj"):
-        get_spec(fake("Phi3ForCausalLM", "phi3"))
+    with pytest.raises(UnsupportedModelError, match="Phi-3.5-MoE .*dense Phi-3"):
+        get_spec(fake("PhimoeForCausalLM", "phimoe"))
     with pytest.raises(
         UnsupportedModelError, match="supported families: .*gemma \\(model types gemma, gemma2"
     ):
@@ -245,7 +252,7 @@ def test_unsupported_relatives_are_one_clear_line():
 def test_cli_info_shows_family_facts(tmp_path, capsys):
     from aptune.cli import main
 
-    for family in ("gemma2", "qwen3"):
+    for family in ("gemma2", "qwen3", "phi3"):
         model = tiny_family_lm(family)
         masks = aptune.StructuralMasks.for_model(model)
         masks.set_heads(2, [0.0, 1.0])
@@ -258,12 +265,19 @@ def test_cli_info_shows_family_facts(tmp_path, capsys):
     assert main(["info", str(tmp_path / "qwen3")]) == 0
     table = capsys.readouterr().out
     assert "q/k norms" in table and "per head (size 8)" in table and "sliding window" not in table
+    assert main(["info", str(tmp_path / "phi3"), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)["family_facts"]
+    assert facts["fused projections"].startswith("qkv_proj (q, k, v rows) and gate_up_proj (gate, up rows)")
+    assert facts["partial rotary"].startswith("6 of 8 channels per head")
+    assert "tied embeddings" in facts and "q/k norms" not in facts and "sliding window" not in facts
+    phi3_mini = tiny_family_lm("phi3", sliding_window=2047)  # Phi-3-mini-4k: one window for every layer
+    assert get_spec(phi3_mini).facts(phi3_mini)["sliding window"] == "2047 tokens in every layer"
 
 
 # -- aptune train on the causal-LM task ------------------------------------------------------------------------
 
 
-TRAINED = ["qwen3", "gemma2", "gemma3"]  # Gemma (1) takes Gemma 2's code paths, less the post-norms
+TRAINED = ["qwen3", "gemma2", "gemma3", "phi3"]  # Gemma (1) takes Gemma 2's code paths, less the post-norms
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +325,7 @@ def test_aptune_train_prunes_and_tunes_each_family(lm_root, family, method):
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == "causal-lm" and report["metrics"]["best_validation"] > 1
     before, after = report["params_before"], report["params_after"]
-    assert before["family"] == ("llama" if family == "qwen3" else "gemma")
+    assert before["family"] == SPEC[family]
     assert after["prunable"] <= int(0.6 * before["prunable"])
     model = aptune.load_pruned(out / "model")
     assert count_prunable(StructureShape.of(describe(model))) == after["prunable"]
@@ -319,3 +333,242 @@ def test_aptune_train_prunes_and_tunes_each_family(lm_root, family, method):
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
+
+
+# -- Phi-3: fused qkv_proj and gate_up_proj ----------------------------------------------------------------------
+
+
+def _fused_rows(weight: torch.Tensor, sizes: list[int], widths: list[int], kept: list[torch.Tensor]):
+    """The rows a fused projection keeps: for each part (of ``sizes`` rows, in units of ``widths`` rows), the rows
+    of its ``kept`` units, part after part."""
+    parts = weight.split(sizes)
+    return torch.cat(
+        [p.view(-1, w, p.shape[1])[k].flatten(0, 1) for p, w, k in zip(parts, widths, kept, strict=True)]
+    )
+
+
+@pytest.mark.parametrize(
+    "kv_heads", [2, 4]
+)  # Phi-4-mini's grouped-query attention; Phi-3-mini's one head per unit
+def test_phi3_compaction_keeps_each_units_rows_of_the_fused_projections(kv_heads):
+    model = tiny_family_lm("phi3", seed=5, num_key_value_heads=kv_heads)
+    att, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    qkv, gate_up = att.qkv_proj.weight.detach().clone(), mlp.gate_up_proj.weight.detach().clone()
+    units = (torch.arange(kv_heads) % 2 == 1).float()  # drop every other unit
+    neurons = torch.arange(40) % 3 != 0
+    masks = aptune.StructuralMasks.for_model(model)
+    masks.set_heads(1, units)
+    masks.set_neurons(1, neurons.float())
+    aptune.apply_masks(model, masks)
+    batch = prompt()
+    with torch.no_grad():
+        masked = model(**batch).logits
+        tokens = model.generate(**batch, **GREEDY)
+    aptune.compact(model)
+
+    kept, group = torch.nonzero(units).flatten(), 4 // kv_heads
+    expected = _fused_rows(qkv, [32, 8 * kv_heads, 8 * kv_heads], [8 * group, 8, 8], [kept] * 3)
+    assert torch.equal(att.qkv_proj.weight, expected)  # kept q rows, then kept k rows, then kept v rows
+    assert torch.equal(mlp.gate_up_proj.weight, _fused_rows(gate_up, [40, 40], [1, 1], [neurons] * 2))
+    # Phi3Attention splits qkv by head counts it reads from its module: they follow the layer, not the model
+    assert att.num_key_value_heads == len(kept) and att.config.num_attention_heads == len(kept) * group
+    assert (
+        model.config.num_attention_heads == 4
+        and model.model.layers[0].self_attn.config.num_attention_heads == 4
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, masked, atol=1e-5, rtol=0)
+        assert torch.equal(model.generate(**batch, **GREEDY), tokens)
+
+
+def test_phi3_adapters_on_q_and_v_adapt_only_those_rows():
+    from aptune.adapter import FusedAPTLinear, add_adapters
+
+    model = tiny_family_lm("phi3")
+    att, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        qkv_before, gate_up_before = att.qkv_proj(x), mlp.gate_up_proj(x)
+    adapters = add_adapters(model, ["q", "v", "up"])  # the decoder default (q, v), and one FFN part
+    names = {n for n, m in model.named_modules() if isinstance(m, aptune.APTLinear)}
+    assert names == {
+        f"model.layers.{i}.{where}.adapters.{role}"
+        for i in range(3)
+        for where, role in (
+            ("self_attn.qkv_proj", "q"),
+            ("self_attn.qkv_proj", "v"),
+            ("mlp.gate_up_proj", "up"),
+        )
+    }
+    assert len(adapters) == 9 and isinstance(att.qkv_proj, FusedAPTLinear)
+    q, v, up = att.qkv_proj.adapters["q"], att.qkv_proj.adapters["v"], mlp.gate_up_proj.adapters["up"]
+    assert (q.lora_B.shape, v.lora_B.shape, up.lora_B.shape, q.lora_A.shape) == (
+        (32, 8),
+        (16, 8),
+        (40, 8),
+        (8, 32),
+    )
+    with torch.no_grad():
+        for a in adapters:
+            a.lora_B.normal_()
+        qkv, gate_up = att.qkv_proj(x), mlp.gate_up_proj(x)
+    rows = {
+        "q": slice(0, 32),
+        "k": slice(32, 48),
+        "v": slice(48, 64),
+        "gate": slice(0, 40),
+        "up": slice(40, 80),
+    }
+    assert torch.equal(qkv[..., rows["k"]], qkv_before[..., rows["k"]])  # the key rows are untouched
+    assert torch.equal(gate_up[..., rows["gate"]], gate_up_before[..., rows["gate"]])
+    for out, before, role in (
+        (qkv, qkv_before, "q"),
+        (qkv, qkv_before, "v"),
+        (gate_up, gate_up_before, "up"),
+    ):
+        assert (out[..., rows[role]] - before[..., rows[role]]).abs().min() > 0  # every row of the part moves
+    # the fused weights stay frozen (the adapters' factors train) and are stored once
+    assert not att.qkv_proj.weight.requires_grad and not mlp.gate_up_proj.weight.requires_grad
+    assert all(a.lora_A.requires_grad and a.lora_B.requires_grad for a in adapters)
+    keys = [k for k in model.state_dict() if k.startswith("model.layers.0.self_attn.qkv_proj")]
+    assert sorted(keys) == sorted(
+        ["model.layers.0.self_attn.qkv_proj.base.weight"]
+        + [f"model.layers.0.self_attn.qkv_proj.adapters.{r}.lora_{f}" for r in "qv" for f in "AB"]
+    )
+
+
+@pytest.mark.parametrize("case", ["unit", "all"])
+def test_phi3_adapters_are_sliced_with_the_fused_projections(case, tmp_path):
+    from aptune.adapter import add_adapters, merge_adapters
+    from aptune.compact import cut_to, shape_and_ranks
+
+    roles = ["q", "k", "v", "o", "gate", "up", "down"]
+    model = tiny_family_lm("phi3", seed=4)
+    with torch.no_grad():
+        for a in add_adapters(model, roles):
+            a.lora_B.normal_(std=0.2)
+    masks = case_masks(model, case)
+    aptune.apply_masks(model, masks)
+    batch = prompt()
+    with torch.no_grad():
+        masked = model(**batch).logits
+    aptune.compact(model)
+
+    def check(m):
+        with torch.no_grad():
+            torch.testing.assert_close(m(**batch).logits, masked, atol=1e-5, rtol=0)
+
+    check(model)
+    # what a checkpoint resume does: a fresh model with the same adapters, cut to the saved shape and ranks
+    fresh = tiny_family_lm("phi3", seed=9)
+    add_adapters(fresh, roles)
+    cut_to(fresh, shape_and_ranks(model))
+    load_state_strictly(fresh, model.state_dict())
+    check(fresh)
+    # 4 roles per live attention sublayer, 3 per live FFN ("all" removed one of each)
+    assert merge_adapters(model) == (3 * 4 + 3 * 3 if case == "unit" else 2 * 4 + 2 * 3)
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
+    check(model)
+    aptune.save_pruned(model, tmp_path / "m")
+    check(aptune.load_pruned(tmp_path / "m"))
+
+
+def _llama_twin(phi3: torch.nn.Module) -> torch.nn.Module:
+    """The LLaMA model that computes what ``phi3`` computes: its fused projections split into q, k, v and gate, up."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = phi3.config
+    config = LlamaConfig(
+        **{
+            k: getattr(c, k)
+            for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        },
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        intermediate_size=c.intermediate_size,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings,
+        max_position_embeddings=c.max_position_embeddings,
+    )
+    twin = LlamaForCausalLM(config).eval()
+    state = {}
+    for key, value in phi3.state_dict().items():
+        if key.endswith("qkv_proj.weight"):
+            q, k, v = value.split([32, 16, 16])
+            state.update(
+                {key.replace("qkv_proj", f"{n}_proj"): t for n, t in zip("qkv", (q, k, v), strict=True)}
+            )
+        elif key.endswith("gate_up_proj.weight"):
+            state.update(
+                {
+                    key.replace("gate_up_proj", n): t
+                    for n, t in zip(("gate_proj", "up_proj"), value.chunk(2), strict=True)
+                }
+            )
+        else:
+            state[key] = value
+    load_state_strictly(twin, state)
+    return twin
+
+
+def test_phi3_group_scores_equal_those_of_its_unfused_llama_twin():
+    """LLM-Pruner's Taylor scores and LoRAPrune's LoRA-guided scores sum each unit's rows in each part of a fused
+    projection: they equal the scores of the same model with q, k, v, gate and up as separate projections."""
+    from aptune.adapter import add_adapters
+    from aptune.methods.llm_pruner.importance import taylor_scores
+    from aptune.methods.loraprune.importance import lora_guided_scores
+
+    phi3 = tiny_family_lm("phi3", seed=6, partial_rotary_factor=1.0, initializer_range=0.1)
+    twin = _llama_twin(phi3)
+    batch = {**tiny_batch(seed=2), "labels": tiny_batch(seed=2)["input_ids"]}
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**batch).logits, phi3(**batch).logits, atol=1e-5, rtol=0)
+
+    def close(a, b):
+        for x, y in zip([*a[0], *a[1]], [*b[0], *b[1]], strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-9)
+
+    close(taylor_scores(phi3, [batch]), taylor_scores(twin, [batch]))
+    roles = ["q", "k", "v", "o", "gate", "up", "down"]
+    pairs = list(zip(add_adapters(phi3, roles), add_adapters(twin, roles), strict=True))
+    with torch.no_grad():
+        for a, b in pairs:
+            a.lora_B.normal_(std=0.1)
+            b.lora_A.copy_(a.lora_A)
+            b.lora_B.copy_(a.lora_B)
+    for m in (phi3, twin):
+        m(**batch).loss.backward()
+    close(lora_guided_scores(phi3), lora_guided_scores(twin))
+
+
+def test_phi3_long_rope_configs_stay_valid(tmp_path):
+    """A long-RoPE config (Phi-3-128k, Phi-3.5-mini, Phi-4-mini) lists head_dim * partial_rotary_factor / 2 factors,
+    which transformers checks against hidden_size // num_attention_heads: uniform head pruning alone cannot be
+    written into it (the result is rebuilt by aptune.load_pruned), head and hidden pruning that keep that ratio can."""
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0, 1.5, 2.0],
+        "long_factor": [3.0] * 3,
+    }
+    batch = prompt()
+    for hidden, plain in ((32, False), (16, True)):
+        model = tiny_family_lm("phi3", seed=7, rope_parameters=rope, original_max_position_embeddings=32)
+        masks = aptune.StructuralMasks.for_model(model)
+        for i in range(3):
+            masks.set_heads(i, [0.0, 1.0])
+            masks.set_neurons(i, (torch.arange(40) < 24).float())
+        masks.set_hidden((torch.arange(32) < hidden).float())
+        aptune.apply_masks(model, masks)
+        with torch.no_grad():
+            masked = model(**batch).logits
+            tokens = model.generate(**batch, **GREEDY)
+        folder = tmp_path / f"hidden{hidden}"
+        aptune.save_pruned(aptune.compact(model), folder)
+        assert aptune.read_structure(folder).plain_loadable == plain
+        saved = json.loads((folder / "config.json").read_text())
+        assert (saved["num_attention_heads"], saved["hidden_size"]) == ((2, 16) if plain else (4, 32))
+        loaded = (AutoModelForCausalLM.from_pretrained if plain else aptune.load_pruned)(folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**batch).logits, masked, atol=1e-5, rtol=0)
+            assert torch.equal(loaded.generate(**batch, **GREEDY), tokens)

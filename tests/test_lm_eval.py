@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_lm import tiny_causal_lm, tiny_tokenizer
+from tiny_lm import tiny_bos_tokenizer, tiny_causal_lm, tiny_tokenizer
 from torch import nn
 
 from aptune.evaluate import (
@@ -66,6 +66,30 @@ def model():
     return tiny_causal_lm(seed=3)
 
 
+@pytest.fixture(scope="module")
+def bos_tok():
+    """Adds ``<bos>`` first to every plain encode, as Gemma's tokenizer does."""
+    return tiny_bos_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bos_model(bos_tok):
+    return tiny_causal_lm(vocab_size=len(bos_tok), seed=3)
+
+
+class RecordingLM(nn.Module):
+    """Wraps a causal LM and keeps the unpadded token ids of every row it reads."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.rows = inner, []
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            self.rows.append([token for token, keep in zip(ids, mask, strict=True) if keep])
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
@@ -107,8 +131,9 @@ def test_windows_reject_a_stride_past_the_window():
 # --------------------------------------------------------------------------------------------- perplexity
 
 
-def brute_force_nll(model, documents, context_start) -> tuple[float, int]:
-    """Summed NLL with target t predicted from ids[context_start(t):t] (one forward per distinct start)."""
+def brute_force_nll(model, documents, context_start, bos: int | None = None) -> tuple[float, int]:
+    """Summed NLL with target t predicted from ids[context_start(t):t] (one forward per distinct start);
+    with ``bos``, a context that does not start the document starts with ``bos`` in place of its first token."""
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in documents:
@@ -116,7 +141,10 @@ def brute_force_nll(model, documents, context_start) -> tuple[float, int]:
             for t in range(1, len(ids)):
                 by_start.setdefault(context_start(t), []).append(t)
             for start, targets in by_start.items():  # a causal model: one forward serves every target
-                logits = model(input_ids=torch.tensor([ids[start : max(targets)]])).logits[0]
+                inputs = ids[start : max(targets)]
+                if bos is not None and start > 0:
+                    inputs = [bos, *inputs[1:]]
+                logits = model(input_ids=torch.tensor([inputs])).logits[0]
                 for t in targets:
                     total -= float(logits[t - 1 - start].float().log_softmax(-1)[ids[t]])
                     count += 1
@@ -139,20 +167,57 @@ def test_perplexity_equals_one_long_forward_per_document(model, tok):
     assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+def window_start(max_length: int, stride: int):
+    """Target t is first predicted by window k = the first with k * stride + max_length >= t."""
+    return lambda t: max(0, math.ceil((t - max_length) / stride)) * stride
+
+
 @pytest.mark.parametrize("max_length, stride", [(8, 8), (8, 3), (5, 1)])
 def test_strided_perplexity_matches_a_per_token_reference(model, tok, max_length, stride):
     texts = TEXTS[:2]
     documents = [tok(text)["input_ids"] for text in texts]
     result = perplexity(model, tok, texts, max_length=max_length, stride=stride, batch_size=16)
-
-    # target t is first predicted by window k = the first with k * stride + max_length >= t
-    def start(t: int) -> int:
-        return max(0, math.ceil((t - max_length) / stride)) * stride
-
-    total, count = brute_force_nll(model, documents, start)
+    total, count = brute_force_nll(model, documents, window_start(max_length, stride))
     assert result.tokens == count == sum(len(ids) - 1 for ids in documents)
-    assert (result.window, result.stride) == (max_length, stride)
+    assert (result.window, result.stride, result.bos) == (max_length, stride, False)
     assert result.nll == pytest.approx(total / count, abs=1e-5)
+
+
+@pytest.mark.parametrize("max_length, stride", [(8, 8), (8, 3), (5, 1), (64, 64)])
+def test_every_window_starts_with_bos_and_scores_each_text_token_once(bos_model, bos_tok, max_length, stride):
+    bos = bos_tok.bos_token_id
+    texts = TEXTS[:3]
+    text_ids = [bos_tok(text, add_special_tokens=False)["input_ids"] for text in texts]
+    recorder = RecordingLM(bos_model)
+    result = perplexity(recorder, bos_tok, texts, max_length=max_length, stride=stride, batch_size=3)
+    assert result.bos and result.tokens == sum(map(len, text_ids))  # every text token, the BOS never
+    assert len(recorder.rows) == sum(
+        len(sliding_windows(len(ids) + 1, max_length, stride)) for ids in text_ids
+    )
+    for row in recorder.rows:
+        assert 1 <= len(row) <= max_length and row[0] == bos and bos not in row[1:]
+    documents = [[bos, *ids] for ids in text_ids]
+    total, count = brute_force_nll(bos_model, documents, window_start(max_length, stride), bos=bos)
+    assert count == result.tokens
+    assert result.nll == pytest.approx(total / count, abs=1e-5)
+
+
+def test_bos_option_forces_or_drops_the_bos(model, tok, bos_model, bos_tok):
+    bos = bos_tok.bos_token_id
+    auto = perplexity(bos_model, bos_tok, TEXTS, max_length=12, stride=5)
+    assert perplexity(bos_model, bos_tok, TEXTS, max_length=12, stride=5, bos=True) == auto
+    # pre-tokenized documents that already start with <bos> get no second one
+    ids = [bos_tok(text)["input_ids"] for text in TEXTS]
+    assert ids[0][0] == bos
+    assert perplexity(bos_model, bos_tok, ids, max_length=12, stride=5) == auto
+    assert perplexity(bos_model, None, [i[1:] for i in ids], max_length=12, stride=5).bos is False
+    # bos=False scores the same text tokens as a tokenizer that adds no BOS
+    off = perplexity(bos_model, bos_tok, TEXTS, max_length=12, stride=5, bos=False)
+    plain = perplexity(bos_model, tok, TEXTS, max_length=12, stride=5)
+    assert not off.bos and not plain.bos and off.tokens == plain.tokens == auto.tokens - len(TEXTS)
+    assert off.nll == pytest.approx(plain.nll, abs=1e-6) and off.nll != pytest.approx(auto.nll, abs=1e-3)
+    with pytest.raises(ValueError, match="no beginning-of-sequence token"):
+        perplexity(model, tok, TEXTS, bos=True)
 
 
 def test_batching_padding_and_pretokenized_input_do_not_change_the_result(model, tok):
@@ -292,20 +357,16 @@ def test_missing_lm_eval_names_the_extra(model, tok, tmp_path, monkeypatch):
         lm_eval_multiple_choice(model, tok, write_jsonl(tmp_path / "mc.jsonl", MC_ROWS))
 
 
-def test_acc_and_acc_norm_equal_lm_eval(model, tok, tmp_path):
-    pytest.importorskip("lm_eval")
+def assert_equal_to_lm_eval(model, tok, path: Path):
+    """aptune's multiple choice on ``path`` against lm-eval's: the same acc and acc_norm, the same token split
+    and log-likelihood of every (context, continuation) pair. Returns aptune's result."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    path = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
     ours = multiple_choice(model, tok, load_multiple_choice(path), batch_size=5)
-    assert ours.ties == ours.ties_norm == ours.nan == 0  # no tie-break differences to hide behind
-    assert ours.acc != ours.acc_norm  # the data tell the two metrics apart
-
     theirs = lm_eval_multiple_choice(model, tok, path, batch_size=4)
     assert theirs == {"acc": ours.acc, "acc_norm": ours.acc_norm, "n": len(MC_ROWS)}
 
-    # the same token split and the same log-likelihood for every (context, continuation) pair
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4)
     pairs = [(DEFAULT_TEMPLATE.format(**row), " " + c) for row in MC_ROWS for c in row["choices"]]
     for context, continuation in pairs:
@@ -313,6 +374,25 @@ def test_acc_and_acc_norm_equal_lm_eval(model, tok, tmp_path):
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     lls = [ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)]
     assert [s for row in ours.scores for s in row] == pytest.approx(lls, abs=1e-4)
+    return ours
+
+
+def test_acc_and_acc_norm_equal_lm_eval(model, tok, tmp_path):
+    pytest.importorskip("lm_eval")
+    ours = assert_equal_to_lm_eval(model, tok, write_jsonl(tmp_path / "mc.jsonl", MC_ROWS))
+    assert ours.ties == ours.ties_norm == ours.nan == 0  # no tie-break differences to hide behind
+    assert ours.acc != ours.acc_norm  # the data tell the two metrics apart
+
+
+def test_multiple_choice_with_a_bos_tokenizer_equals_lm_eval(bos_model, bos_tok, tmp_path):
+    pytest.importorskip("lm_eval")
+    bos = bos_tok.bos_token_id
+    for row in MC_ROWS:  # lm-eval's HFLM keeps the tokenizer's <bos> before every context, once
+        context_ids, continuation_ids = encode_choice(
+            bos_tok, DEFAULT_TEMPLATE.format(**row), " " + row["choices"][0]
+        )
+        assert context_ids[0] == bos and bos not in context_ids[1:] + continuation_ids
+    assert_equal_to_lm_eval(bos_model, bos_tok, write_jsonl(tmp_path / "mc.jsonl", MC_ROWS))
 
 
 def test_lm_eval_limit_and_template(model, tok, tmp_path):

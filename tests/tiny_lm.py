@@ -59,6 +59,22 @@ def tiny_tokenizer(chat_template: bool = True, vocab_size: int = 320):
     return tok
 
 
+def tiny_bos_tokenizer(chat_template: bool = True, vocab_size: int = 320):
+    """:func:`tiny_tokenizer` with a ``<bos>`` token (one id past the trained vocabulary) that every plain encode
+    puts first, through a template post-processor, as Gemma's and LLaMA's tokenizers do; its chat template writes
+    ``{{ bos_token }}`` first, as theirs do."""
+    from tokenizers import processors
+
+    tok = tiny_tokenizer(chat_template=False, vocab_size=vocab_size)
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", tok.bos_token_id)]
+    )
+    if chat_template:
+        tok.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    return tok
+
+
 def tiny_causal_lm(vocab_size: int | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
     """A tiny random LlamaForCausalLM (GQA: 4 query heads in 2 groups, head size 8) matching :func:`tiny_tokenizer`."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -185,7 +201,9 @@ FAMILY_BASE = dict(
 )
 # Per family: the config class, the causal-LM class and what differs from FAMILY_BASE. The Gemma models get a
 # head size (12) unrelated to hidden / heads (32 / 4), a sliding window short enough to matter on the test
-# sequences (sliding and global layers alternate), and Gemma 2 soft-caps attention and final logits.
+# sequences (sliding and global layers alternate), and Gemma 2 soft-caps attention and final logits. Phi-3 is shaped
+# like Phi-4-mini: fused qkv_proj and gate_up_proj, grouped-query attention, partial rotary embeddings (6 of each
+# head's 8 channels) and tied embeddings.
 FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=12)),
@@ -205,6 +223,11 @@ FAMILIES = {
         "Gemma3ForCausalLM",
         dict(head_dim=12, query_pre_attn_scalar=12, sliding_window=4, sliding_window_pattern=2),
     ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(partial_rotary_factor=0.75, tie_word_embeddings=True),
+    ),
 }
 
 
@@ -212,7 +235,7 @@ def tiny_family_lm(family: str, seed: int = 0, norm_noise: float = 0.3, **overri
     """A tiny random causal LM of ``family`` (a key of :data:`FAMILIES`), in eval mode.
 
     Every norm weight gets noise of scale ``norm_noise``: freshly built Gemma norms are all zero (``1 + weight``
-    form) and Qwen3's all one, which would hide a norm computed with the wrong weights or over wrong channels.
+    form) and the others' all one, which would hide a norm computed with the wrong weights or over wrong channels.
     """
     import transformers
 

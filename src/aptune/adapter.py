@@ -9,6 +9,10 @@ parameter objects, so any optimizer holding the old ones must be rebuilt afterwa
 A model with adapters has non-standard state-dict keys (``...query.base.weight``, ``...query.lora_A``); merge the
 adapters (:func:`merge_adapters`) before saving it as a plain Hugging Face model.
 
+Fused projections (Phi-3's ``qkv_proj``, ``gate_up_proj``) get one :class:`APTLinear` per adapted part (``q``,
+``v``, ``gate``, ...), each on its row range only, inside a :class:`FusedAPTLinear` that keeps the fused weight
+(state keys ``...qkv_proj.base.weight``, ``...qkv_proj.adapters.q.lora_A``).
+
 Adapter factors (``lora_A``/``lora_B``, the ranks added by growth and the teacher's copies) are float32 whatever
 the base weight's dtype, as in PEFT: in a bf16 model they are fp32 master weights, so small optimizer updates are
 not rounded away. The forward pass casts the input to the factors' dtype for the low-rank branch and returns the
@@ -57,7 +61,29 @@ def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
             setattr(src, name, OrderedDict())
 
 
-class APTLinear(nn.Module):
+class _WrappedLinear(nn.Module):
+    """A module around a linear layer ``base`` that looks like it: ``weight``, ``bias``, ``in_features`` and
+    ``out_features`` read through to ``base``, so code written for ``nn.Linear`` (the architecture specs, the
+    budget) keeps working."""
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.base.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+
+class APTLinear(_WrappedLinear):
     """A frozen ``nn.Linear`` (kept as ``base``, same Parameter objects) plus a growable LoRA branch.
 
     ``weight``, ``bias``, ``in_features`` and ``out_features`` read through to ``base``, so code written for
@@ -88,23 +114,6 @@ class APTLinear(nn.Module):
         self.register_buffer("teacher_B", None, persistent=False)
         self.use_teacher = False
 
-    # -- nn.Linear look-alike ----------------------------------------------------------------------------
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.base.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
     @property
     def rank(self) -> int:
         return self.lora_A.shape[0]
@@ -121,13 +130,16 @@ class APTLinear(nn.Module):
         back to the base output's dtype. Under ``torch.autocast`` the matmuls run in the autocast dtype.
         """
         out = self.base(x)
+        return (out + self.low_rank(x)).to(out.dtype)
+
+    def low_rank(self, x: Tensor) -> Tensor:
+        """``s B A x`` in the factors' dtype (the teacher's factors in teacher mode): what the adapter adds."""
         if self.use_teacher and self.teacher_A is not None:
             A, B = self.teacher_A, self.teacher_B
         else:
             A, B = self.lora_A, self.lora_B
             x = self.dropout(x)
-        low_rank = (x.to(A.dtype) @ A.T) @ B.T
-        return (out + self.scale * low_rank).to(out.dtype)
+        return self.scale * ((x.to(A.dtype) @ A.T) @ B.T)
 
     @torch.no_grad()
     def snapshot_teacher(self) -> None:
@@ -195,15 +207,7 @@ class APTLinear(nn.Module):
 
         Its parameters are new tensors with the ``requires_grad`` flags of ``base``.
         """
-        base = self.base
-        w = base.weight
-        merged = nn.Linear(
-            self.in_features, self.out_features, bias=base.bias is not None, device=w.device, dtype=w.dtype
-        )
-        merged.weight = nn.Parameter(self.merged_weight(), requires_grad=w.requires_grad)
-        if base.bias is not None:
-            merged.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=base.bias.requires_grad)
-        return merged
+        return _linear_like(self.base, self.merged_weight())
 
     # -- adaptive tuning (method spec §6.1) --------------------------------------------------------------
     @torch.no_grad()
@@ -213,6 +217,127 @@ class APTLinear(nn.Module):
         if A.grad is None:
             return torch.zeros(self.rank, device=A.device, dtype=torch.float32)
         return (A.float() * A.grad.float()).sum(dim=1).abs()
+
+
+@torch.no_grad()
+def _linear_like(base: nn.Module, weight: Tensor) -> nn.Linear:
+    """A plain ``nn.Linear`` with ``weight``, a copy of ``base``'s bias and ``base``'s ``requires_grad`` flags."""
+    w = base.weight
+    linear = nn.Linear(
+        base.in_features, base.out_features, bias=base.bias is not None, device=w.device, dtype=w.dtype
+    )
+    linear.weight = nn.Parameter(weight, requires_grad=w.requires_grad)
+    if base.bias is not None:
+        linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=base.bias.requires_grad)
+    return linear
+
+
+class RowRange(nn.Module):
+    """Rows ``start:stop`` of a fused linear layer, seen as a linear layer of their own: the ``base`` of an adapter
+    on one part of a fused projection (:class:`FusedAPTLinear`).
+
+    It owns no parameters (the fused layer, registered in the :class:`FusedAPTLinear`, does), so the model's state
+    keeps one copy of the fused weight. ``start``/``stop`` are kept up to date by the :class:`FusedAPTLinear`.
+    """
+
+    def __init__(self, fused: nn.Linear, start: int, stop: int):
+        super().__init__()
+        self._fused = (fused,)  # in a tuple: a plain attribute, not a submodule
+        self.start, self.stop = start, stop
+
+    @property
+    def weight(self) -> Tensor:
+        return self._fused[0].weight[self.start : self.stop]
+
+    @property
+    def bias(self) -> Tensor | None:
+        b = self._fused[0].bias
+        return None if b is None else b[self.start : self.stop]
+
+    @property
+    def in_features(self) -> int:
+        return self._fused[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def aptune_slice(self, out_idx: Tensor | None = None, in_idx: Tensor | None = None) -> None:
+        """Nothing to slice: the :class:`FusedAPTLinear` slices the fused weight and moves the range."""
+
+
+class FusedAPTLinear(_WrappedLinear):
+    """A fused projection (Phi-3's ``qkv_proj`` or ``gate_up_proj``) with adapters on parts of its output.
+
+    ``base`` is the frozen fused ``nn.Linear``; ``adapters[role]`` is an :class:`APTLinear` over the rows of that
+    role (:class:`RowRange`), whose low-rank output is added to those rows only: an adapter with the role ``q``
+    leaves the key and value rows of ``qkv_proj`` exactly as they were. Each part adapter is a full
+    :class:`APTLinear` (own rank, growth, rank salience, teacher factors). Like :class:`APTLinear`, the module
+    reads ``weight``/``bias``/``in_features``/``out_features`` through to ``base``, slices consistently
+    (:meth:`aptune_slice`) and merges into one plain ``nn.Linear`` (:meth:`merge`).
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.adapters = nn.ModuleDict()
+
+    def add(self, role: str, start: int, stop: int, rank: int = 8, **kwargs) -> APTLinear:
+        """An adapter on output rows ``start:stop``, under ``role``."""
+        if role in self.adapters:
+            raise ValueError(f"the {role} rows of this fused projection already have an adapter")
+        adapter = APTLinear(RowRange(self.base, start, stop), rank=rank, **kwargs)
+        self.adapters[role] = adapter
+        return adapter
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        for adapter in self.adapters.values():
+            rows = slice(adapter.base.start, adapter.base.stop)
+            out[..., rows] = (out[..., rows] + adapter.low_rank(x)).to(out.dtype)
+        return out
+
+    def aptune_slice(self, out_idx: Tensor | None = None, in_idx: Tensor | None = None) -> None:
+        """Keep output rows ``out_idx`` and input channels ``in_idx`` of the fused layer, and the same rows and
+        columns of every part adapter, whose row range moves with them (``out_idx`` keeps each part's rows
+        together, as :func:`aptune.compact` does)."""
+        for adapter in self.adapters.values():
+            part = adapter.base
+            local = None
+            if out_idx is not None:
+                inside = (out_idx >= part.start) & (out_idx < part.stop)
+                where = torch.nonzero(inside).flatten()
+                start = int(where[0]) if len(where) else 0
+                if len(where) and int(where[-1]) - start + 1 != len(where):
+                    raise ValueError("slicing a fused projection must keep each part's rows together")
+                local = out_idx[inside] - part.start
+                part.start, part.stop = start, start + len(where)
+            adapter.aptune_slice(local, in_idx)
+        slice_linear(self.base, out_idx, in_idx)
+
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """The fused weight with each part's rows replaced by its adapter's merged rows."""
+        w = self.base.weight.detach().clone()
+        for adapter in self.adapters.values():
+            w[adapter.base.start : adapter.base.stop] = adapter.merged_weight()
+        return w
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the fused projection with every part's adapter merged."""
+        return _linear_like(self.base, self.merged_weight())
+
+
+def applied_weight(linear: nn.Module) -> Tensor:
+    """The weight a (possibly adapted, possibly fused) linear layer effectively applies."""
+    merged = getattr(linear, "merged_weight", None)
+    return merged() if callable(merged) else linear.weight.detach()
 
 
 @torch.no_grad()
@@ -261,47 +386,53 @@ def wrap_linear(
     return adapter
 
 
+def wrap_part(parent: nn.Module, attr: str, role: str, start: int, stop: int, rank: int = 8) -> APTLinear:
+    """Put an adapter on output rows ``start:stop`` of the fused ``nn.Linear`` ``getattr(parent, attr)`` (under
+    ``role``) and return it. The first part adapter replaces the layer with a :class:`FusedAPTLinear`, to which
+    its forward hooks move; later ones join it."""
+    fused = getattr(parent, attr)
+    if not isinstance(fused, FusedAPTLinear):
+        if not isinstance(fused, nn.Linear):
+            raise TypeError(f"{type(parent).__name__}.{attr} is a {type(fused).__name__}, not an nn.Linear")
+        linear, fused = fused, FusedAPTLinear(fused)
+        _move_hooks(linear, fused)
+        setattr(parent, attr, fused)
+    return fused.add(role, start, stop, rank=rank)
+
+
 def add_adapters(model: nn.Module, roles: Sequence[str], rank: int = 8) -> list[APTLinear]:
     """Wrap the projections with the given roles (``q``, ``v``, ``up``, ...) of every live site in adapters.
 
     Projections are found through the model's architecture spec; roles a site does not have (``gate`` in
-    BERT) are skipped. Returns the adapters in site order.
+    BERT) are skipped. A role that is a part of a fused projection (``q`` of Phi-3's ``qkv_proj``) gets an
+    adapter on its rows only (:class:`FusedAPTLinear`). Returns the adapters in site order.
     """
     from .arch import describe
 
     structure = describe(model)
     names = {id(m): n for n, m in model.named_modules()}
-    targets = [
-        getattr(site, role, None)
-        for site in structure.attention
-        if site.num_heads
-        for role in roles
-        if role in ("q", "k", "v", "o")
-    ]
-    targets += [
-        getattr(site, role, None)
-        for site in structure.ffn
-        if site.num_neurons
-        for role in roles
-        if role in ("up", "gate", "down")
-    ]
     adapters = []
-    for linear in targets:
-        if linear is None:
-            continue
-        parent, _, attr = names[id(linear)].rpartition(".")
-        adapters.append(wrap_linear(model.get_submodule(parent), attr, rank=rank))
+    for part in structure.parts(roles):
+        parent_name, _, attr = names[id(part.module)].rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if part.start == 0 and part.size == part.module.out_features:
+            adapters.append(wrap_linear(parent, attr, rank=rank))
+        else:
+            adapters.append(wrap_part(parent, attr, part.role, part.start, part.start + part.size, rank=rank))
     return adapters
 
 
 def merge_adapters(model: nn.Module) -> int:
-    """Replace every :class:`APTLinear` inside ``model`` by its merged ``nn.Linear``; return how many.
+    """Replace every :class:`APTLinear` inside ``model`` by its merged ``nn.Linear`` (a :class:`FusedAPTLinear`
+    by one ``nn.Linear`` with all its parts merged); return how many adapters were merged.
 
     Forward hooks on an adapter move to its merged layer.
     """
     count = 0
     for name, module in list(model.named_modules()):
-        if not isinstance(module, APTLinear):
+        if isinstance(module, APTLinear) and isinstance(module.base, RowRange):
+            continue  # a part of a fused projection: merged with it
+        if not isinstance(module, (APTLinear, FusedAPTLinear)):
             continue
         if not name:
             raise ValueError(
@@ -311,7 +442,7 @@ def merge_adapters(model: nn.Module) -> int:
         merged = module.merge()
         _move_hooks(module, merged)
         setattr(model.get_submodule(parent_name), attr, merged)
-        count += 1
+        count += len(module.adapters) if isinstance(module, FusedAPTLinear) else 1
     return count
 
 
@@ -322,9 +453,11 @@ def adapter_param_count(module: nn.Module) -> int:
 
 __all__ = [
     "APTLinear",
+    "FusedAPTLinear",
     "add_adapters",
     "adapter_importance",
     "adapter_param_count",
+    "applied_weight",
     "merge_adapters",
     "wrap_linear",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .arch import ModelStructure, describe, get_spec
+from .arch import ModelStructure, Part, describe, get_spec
 from .budget import StructureShape
 from .masks import MaskError, StructuralMasks, attached_masks, remove_masks
 
@@ -83,6 +83,17 @@ def _channels(units: Tensor, width: int) -> Tensor:
     return (units[:, None] * width + torch.arange(width)).flatten()
 
 
+def _slice_parts(parts: list[Part], kept: dict[str, Tensor]) -> None:
+    """Keep rows ``kept[role]`` of each part (indices within the part). A fused projection is sliced once, with
+    its parts' kept rows in row order, so it stays fused: for Phi-3's ``qkv_proj`` the kept query rows, then the
+    kept key rows, then the kept value rows."""
+    rows: dict[int, tuple[nn.Module, list[Tensor]]] = {}
+    for part in parts:
+        rows.setdefault(id(part.module), (part.module, []))[1].append(kept[part.role] + part.start)
+    for module, idx in rows.values():
+        slice_linear(module, out_idx=torch.cat(idx))
+
+
 # -- compaction ----------------------------------------------------------------------------------------
 
 
@@ -119,9 +130,7 @@ def compact(model: nn.Module, masks: StructuralMasks | None = None) -> nn.Module
             continue
         query = _channels(units, site.unit_width)
         kv = _channels(units, site.head_dim)
-        slice_linear(site.q, out_idx=query)
-        slice_linear(site.k, out_idx=kv)
-        slice_linear(site.v, out_idx=kv)
+        _slice_parts(site.parts, {"q": query, "k": kv, "v": kv})
         slice_linear(site.o, in_idx=query)
         if site.on_resize is not None:
             site.on_resize(site, len(units) * site.group_size, len(units))
@@ -133,8 +142,7 @@ def compact(model: nn.Module, masks: StructuralMasks | None = None) -> nn.Module
         if len(neurons) == 0:
             spec.drop_ffn(model, site)
             continue
-        for proj in site.inputs:
-            slice_linear(proj, out_idx=neurons)
+        _slice_parts(site.parts, {"up": neurons, "gate": neurons})
         slice_linear(site.down, in_idx=neurons)
 
     if not bool((masks.hidden == 1).all()):

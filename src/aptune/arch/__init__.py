@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure
+from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure, Part
 from .bert import BertSpec
 from .gemma import GemmaSpec
 from .llama import LlamaSpec
+from .phi3 import Phi3Spec
 
-SPECS: tuple[ArchSpec, ...] = (BertSpec(), LlamaSpec(), GemmaSpec())
+SPECS: tuple[ArchSpec, ...] = (BertSpec(), LlamaSpec(), GemmaSpec(), Phi3Spec())
 
 __all__ = [
     "SPECS",
@@ -18,6 +19,7 @@ __all__ = [
     "FFNSite",
     "HiddenSpec",
     "ModelStructure",
+    "Part",
     "UnsupportedModelError",
     "describe",
     "get_spec",

@@ -8,6 +8,8 @@ prunable structures are:
   The pruning unit of a site is one key/value head with the query heads that share it (one head without
   grouped-query attention);
 * FFN sites, each with its up (and gate) and down projections;
+* where a projection is fused (Phi-3's ``qkv_proj`` and ``gate_up_proj``), the row range of each role in it
+  (:class:`Part`): compaction, group scores and adapters work on parts, never on a fused module as a whole;
 * the hidden (model) channels shared by every layer: which embeddings, projections and norms read or write
   the residual stream, and which heads read it.
 
@@ -17,14 +19,38 @@ A new family adds a file next to ``bert.py`` and ``llama.py`` and fills the same
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from torch import nn
 
 # A function that replaces the output of a skipped sublayer: (module, args, kwargs, output) -> new output.
 SkipFn = Callable[[nn.Module, tuple, dict, Any], Any]
+
+
+class Part(NamedTuple):
+    """The output rows ``start:start + size`` of ``module`` that hold one role's channels (``q``, ``k``, ``v``,
+    ``gate`` or ``up``): all of them for a projection of its own, a row range for a fused one."""
+
+    role: str
+    module: nn.Module
+    start: int
+    size: int
+
+
+def _parts(roles: list[tuple[str, nn.Module | None, int]], fused: bool) -> list[Part]:
+    """Parts for (role, module, rows) in row order: consecutive row ranges of one module when ``fused``."""
+    parts, start = [], 0
+    for role, module, size in roles:
+        if module is not None:
+            parts.append(Part(role, module, start if fused else 0, size))
+            start += size
+    return parts
+
+
+def _unique(parts: list[Part]) -> list[nn.Module]:
+    return list({id(p.module): p.module for p in parts}.values())
 
 
 @dataclass
@@ -36,6 +62,11 @@ class AttentionSite:
     residual passes through untouched). ``norms`` are the norms that belong to this sublayer and disappear
     with it. ``extra_head_params`` lists (tensor owner, attribute, dim) for per-head tensors that are not
     part of the projections (T5's relative position bias); empty for BERT.
+
+    ``fused``: q, k and v are one projection (Phi-3's ``qkv_proj``: the rows of every query head, then of every
+    key head, then of every value head), and ``q``, ``k`` and ``v`` all name it; :attr:`parts` gives each role's
+    rows. ``on_resize`` updates the attention module's bookkeeping (a head count its forward reads) after
+    compaction.
     """
 
     name: str
@@ -52,6 +83,7 @@ class AttentionSite:
     norms: list[nn.Module] = field(default_factory=list)
     # set to a callable(site, num_heads, num_kv_heads) that updates bookkeeping attributes after slicing
     on_resize: Callable[[AttentionSite, int, int], None] | None = None
+    fused: bool = False
 
     @classmethod
     def dead(cls, name: str, layer: int, head_dim: int) -> AttentionSite:
@@ -77,10 +109,25 @@ class AttentionSite:
         """Channels of one unit in q and in the input of o (those of k and v are ``head_dim``)."""
         return self.group_size * self.head_dim
 
+    @property
+    def parts(self) -> list[Part]:
+        """The rows of q, k and v: whole projections, or consecutive row ranges of the fused one."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return _parts([("q", self.q, q), ("k", self.k, kv), ("v", self.v, kv)], self.fused)
+
+    @property
+    def inputs(self) -> list[nn.Module]:
+        """The projections that read the sublayer's input (q, k and v; one module when fused)."""
+        return _unique(self.parts)
+
 
 @dataclass
 class FFNSite:
-    """One feed-forward sublayer: ``down(act(up(x)) [* gate(x)])``. ``block`` and ``skip`` as for attention."""
+    """One feed-forward sublayer: ``down(act(up(x)) [* gate(x)])``. ``block`` and ``skip`` as for attention.
+
+    ``fused``: gate and up are one projection (Phi-3's ``gate_up_proj``: every neuron's gate row, then every
+    neuron's up row), and ``gate`` and ``up`` both name it.
+    """
 
     name: str
     layer: int
@@ -91,10 +138,23 @@ class FFNSite:
     skip: SkipFn
     gate: nn.Linear | None = None
     norms: list[nn.Module] = field(default_factory=list)
+    fused: bool = False
+
+    @property
+    def parts(self) -> list[Part]:
+        """The rows of up and gate: whole projections, or the gate then the up rows of the fused one."""
+        n = self.num_neurons
+        roles = (
+            [("gate", self.gate, n), ("up", self.up, n)]
+            if self.fused
+            else [("up", self.up, n), ("gate", self.gate, n)]
+        )
+        return _parts(roles, self.fused)
 
     @property
     def inputs(self) -> list[nn.Linear]:
-        return [self.up] if self.gate is None else [self.up, self.gate]
+        """The projections that read the sublayer's input (up, and gate if any; one module when fused)."""
+        return _unique(self.parts)
 
 
 @dataclass
@@ -143,6 +203,22 @@ class ModelStructure:
     # non-adapter parameters that APT and the adapter baselines train. Pretrained parts of the head (BERT's
     # pooler, a language-model head, tied embeddings) stay frozen.
     new_heads: dict[str, nn.Module] = field(default_factory=dict)
+
+    def parts(self, roles: Sequence[str]) -> list[Part]:
+        """The parts with the given roles (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``) of every live site,
+        in site order and, within a site, in the order of ``roles``; roles a site lacks are skipped. A part of a
+        fused projection (Phi-3's ``q``) is a row range of it; any other part is a whole projection."""
+        sites = [*(s for s in self.attention if s.num_heads), *(s for s in self.ffn if s.num_neurons)]
+        out = []
+        for site in sites:
+            parts = {p.role: p for p in site.parts}
+            for role in roles:
+                whole = getattr(site, role, None) if role in ("o", "down") else None
+                if role in parts:
+                    out.append(parts[role])
+                elif whole is not None:
+                    out.append(Part(role, whole, 0, whole.out_features))
+        return out
 
 
 class ArchSpec:

@@ -72,15 +72,21 @@ _HEAD_SUFFIXES = {"Model": [], "ForCausalLM": ["lm_head"], "ForSequenceClassific
 _NEW_HEADS = ("score",)
 
 
+def class_names(prefixes: dict[str, str]) -> tuple[str, ...]:
+    """The model classes (bare model, causal LM, sequence classifier) of the given class-name prefixes."""
+    return tuple(p + s for p in prefixes.values() for s in _HEAD_SUFFIXES)
+
+
 class LlamaSpec(ArchSpec):
     family = "llama"
+    #: model type -> class-name prefix
+    prefixes = _PREFIXES
     model_types = tuple(_PREFIXES)
-    model_classes = tuple(p + s for p in _PREFIXES.values() for s in _HEAD_SUFFIXES)
+    model_classes = class_names(_PREFIXES)
     unsupported = {
         "qwen3_moe": "Qwen3 mixture-of-experts models are not supported (dense Qwen3 models are)",
         "qwen2_moe": "Qwen2 mixture-of-experts models are not supported (dense Qwen2 models are)",
         "mixtral": "Mixtral (mixture of experts) is not supported (Mistral is)",
-        "phi3": "Phi-3 and Phi-4-mini (fused qkv_proj and gate_up_proj) are not supported yet",
     }
 
     def describe(self, model: nn.Module) -> ModelStructure:
@@ -104,46 +110,19 @@ class LlamaSpec(ArchSpec):
             if isinstance(att, SkippedAttention):
                 attention.append(AttentionSite.dead(f"layers.{i}.self_attn", i, default_head_dim))
             else:
-                q, k, v, o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
-                head_dim = att.head_dim
-                attention.append(
-                    AttentionSite(
-                        name=f"layers.{i}.self_attn",
-                        layer=i,
-                        q=q,
-                        k=k,
-                        v=v,
-                        o=o,
-                        num_heads=q.out_features // head_dim,
-                        num_kv_heads=k.out_features // head_dim,
-                        head_dim=head_dim,
-                        block=att,
-                        skip=_skip_attention,
-                        norms=attn_norms,
-                    )
-                )
-                readers += [q, k, v]
-                producers.append(o)
+                site = self.attention_site(i, att, attn_norms)
+                attention.append(site)
+                readers += site.inputs
+                producers.append(site.o)
                 norms += attn_norms
             mlp = layer.mlp
             if isinstance(mlp, SkippedMLP):
                 ffn.append(FFNSite(f"layers.{i}.mlp", i, None, None, 0, None, None))
             else:
-                ffn.append(
-                    FFNSite(
-                        name=f"layers.{i}.mlp",
-                        layer=i,
-                        up=mlp.up_proj,
-                        down=mlp.down_proj,
-                        num_neurons=mlp.up_proj.out_features,
-                        block=mlp,
-                        skip=_skip_ffn,
-                        gate=mlp.gate_proj,
-                        norms=ffn_norms,
-                    )
-                )
-                readers += [mlp.gate_proj, mlp.up_proj]
-                producers.append(mlp.down_proj)
+                ffn_site = self.ffn_site(i, mlp, ffn_norms)
+                ffn.append(ffn_site)
+                readers += ffn_site.inputs
+                producers.append(ffn_site.down)
                 norms += ffn_norms
         norms.append(base.norm)
 
@@ -185,13 +164,64 @@ class LlamaSpec(ArchSpec):
     #: the norm of a partly masked hidden stream over its kept channels (None: aptune.masks' RMS norm)
     norm_over_kept = None
 
+    #: q, k, v are one fused projection and so are gate and up (Phi-3); see :meth:`qkv` and :meth:`gate_up`
+    fused_projections = False
+    #: (site, num_heads, num_kv_heads) -> None: what to update on the attention module after compaction
+    #: (None: nothing, transformers' LLaMA attention infers head counts from the tensor shapes)
+    resize_attention = None
+
+    def qkv(self, att: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, int, int]:
+        """The q, k and v projections of a live attention module, and its numbers of query and key/value heads."""
+        d = att.head_dim
+        return att.q_proj, att.k_proj, att.v_proj, att.q_proj.out_features // d, att.k_proj.out_features // d
+
+    def gate_up(self, mlp: nn.Module) -> tuple[nn.Module, nn.Module, int]:
+        """The gate and up projections of a live MLP, and its number of neurons."""
+        return mlp.gate_proj, mlp.up_proj, mlp.up_proj.out_features
+
+    def attention_site(self, i: int, att: nn.Module, norms: list[nn.Module]) -> AttentionSite:
+        """The site of layer ``i``'s live attention module ``att`` (with the sublayer's ``norms``)."""
+        q, k, v, heads, kv_heads = self.qkv(att)
+        return AttentionSite(
+            name=f"layers.{i}.self_attn",
+            layer=i,
+            q=q,
+            k=k,
+            v=v,
+            o=att.o_proj,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=att.head_dim,
+            block=att,
+            skip=_skip_attention,
+            norms=norms,
+            on_resize=self.resize_attention,
+            fused=self.fused_projections,
+        )
+
+    def ffn_site(self, i: int, mlp: nn.Module, norms: list[nn.Module]) -> FFNSite:
+        """The site of layer ``i``'s live MLP (with the sublayer's ``norms``)."""
+        gate, up, neurons = self.gate_up(mlp)
+        return FFNSite(
+            name=f"layers.{i}.mlp",
+            layer=i,
+            up=up,
+            down=mlp.down_proj,
+            num_neurons=neurons,
+            block=mlp,
+            skip=_skip_ffn,
+            gate=gate,
+            norms=norms,
+            fused=self.fused_projections,
+        )
+
     def sublayer_norms(self, layer: nn.Module) -> tuple[list[str], list[str]]:
         """Names of the norms that belong to a layer's attention and to its FFN sublayer."""
         return ["input_layernorm"], ["post_attention_layernorm"]
 
     def head_attributes(self, model: nn.Module) -> list[str]:
         """The attributes of ``model`` that hold its task heads."""
-        return _head_attributes(model)
+        return _head_attributes(model, self.prefixes)
 
     def drop_attention(self, model: nn.Module, site: AttentionSite) -> None:
         layer = model.base_model.layers[site.layer]
@@ -224,17 +254,18 @@ class LlamaSpec(ArchSpec):
         return False
 
 
-def _head_attributes(model: nn.Module) -> list[str]:
+def _head_attributes(model: nn.Module, prefixes: dict[str, str]) -> list[str]:
     name = type(model).__name__
-    for prefix in _PREFIXES.values():
+    for prefix in prefixes.values():
         if name.startswith(prefix):
             return _HEAD_SUFFIXES.get(name[len(prefix) :], [])
     return []
 
 
 def decoder_facts(model: nn.Module) -> dict[str, str]:
-    """What ``aptune info`` shows about a decoder beyond its shapes: per-head q/k norms, sliding-window layers,
-    soft-capping, the embedding scale and tied embeddings (only the facts that apply)."""
+    """What ``aptune info`` shows about a decoder beyond its shapes: per-head q/k norms, fused projections, partial
+    rotary embeddings, sliding-window layers, soft-capping, the embedding scale and tied embeddings (only the facts
+    that apply)."""
     config = model.config
     base = model.base_model
     facts: dict[str, str] = {}
@@ -244,6 +275,18 @@ def decoder_facts(model: nn.Module) -> dict[str, str]:
             f"per head (size {live[0].q_norm.weight.shape[0]}), shared by all heads: kept whole when heads "
             "are pruned"
         )
+    if live and getattr(live[0], "qkv_proj", None) is not None:
+        facts["fused projections"] = (
+            "qkv_proj (q, k, v rows) and gate_up_proj (gate, up rows): sliced per unit and neuron; adapters on "
+            "q/k/v/gate/up adapt only their rows"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    rotary = rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict) else 1.0
+    if live and rotary < 1:
+        d = live[0].head_dim
+        facts["partial rotary"] = (
+            f"{int(d * rotary)} of {d} channels per head (kept whole when heads are pruned)"
+        )
     types = list(getattr(config, "layer_types", None) or [])
     window = getattr(config, "sliding_window", None)
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
@@ -251,6 +294,8 @@ def decoder_facts(model: nn.Module) -> dict[str, str]:
         facts["sliding window"] = (
             f"{window} tokens in {len(sliding)} of {len(types)} layers, global in the others"
         )
+    elif window and not types:
+        facts["sliding window"] = f"{window} tokens in every layer"
     caps = [
         f"{what} {value:g}"
         for what, value in (

@@ -21,6 +21,13 @@ Formats (:data:`LM_FORMATS`, :func:`detect_lm_format`)
     ``instruction`` + ``output`` with an optional ``input`` appended to the instruction after a blank line;
     an optional ``system`` column becomes a system turn. The three chat formats are rendered with the
     tokenizer's chat template and train only on the assistant turns (:func:`tokenize_chat`).
+
+Beginning-of-sequence token (:func:`resolve_bos`)
+    Models whose tokenizer puts a BOS token first on a plain encode (Gemma, LLaMA 2 and 3, ...) are
+    trained and evaluated with it first in every sequence: packed plain-text blocks start with ``<bos>``
+    (``bos=None``, the default, means exactly when the tokenizer adds one; ``True``/``False`` force it). A
+    tokenizer that adds none (GPT-2, Qwen, SmolLM2) gets the blocks it always got. Chat rows are what the chat
+    template renders: a template that writes ``<bos>`` (Gemma's, LLaMA 3's) gives one, none is added.
 """
 
 from __future__ import annotations
@@ -379,29 +386,74 @@ def _eos_id(tokenizer: Any, why: str) -> int:
     return eos
 
 
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """True when the tokenizer puts its BOS token first on a plain encode (``tokenizer(text)``).
+
+    Checked on a one-letter text: the encoding with the default special tokens starts with ``bos_token_id``
+    and the encoding without them does not. Gemma's, LLaMA 2's and 3's tokenizers add one; GPT-2's, Qwen's
+    and SmolLM2's do not (SmolLM2 has a BOS token, ``<|im_start|>``, but never adds it).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int):
+        return False
+    default = list(tokenizer("a", verbose=False)["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"])
+    return default[:1] == [bos] and plain[:1] != [bos]
+
+
+def resolve_bos(tokenizer: Any, bos: bool | None = None) -> int | None:
+    """The token id to put first in packed blocks and perplexity windows, or None for none.
+
+    ``bos=None`` (auto): the tokenizer's BOS token when :func:`tokenizer_adds_bos` (none for a None
+    tokenizer); ``True``: its BOS token in any case; ``False``: none.
+
+    Raises:
+        DataError: ``bos=True`` and the tokenizer has no BOS token.
+    """
+    if bos is None:
+        return tokenizer.bos_token_id if tokenizer is not None and tokenizer_adds_bos(tokenizer) else None
+    if not bos:
+        return None
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos_id, int):
+        raise DataError("bos=True but the tokenizer has no beginning-of-sequence token")
+    return bos_id
+
+
 def tokenize_text_blocks(
-    dataset: Dataset, tokenizer: Any, block_size: int, *, num_proc: int | None = None
+    dataset: Dataset,
+    tokenizer: Any,
+    block_size: int,
+    *,
+    num_proc: int | None = None,
+    bos: bool | None = None,
 ) -> Dataset:
     """Tokenizes plain documents and packs them into blocks of ``block_size`` tokens (GPT-2/run_clm style).
 
     Each document of the ``text`` column is tokenized without special tokens and followed by the EOS token;
     empty or whitespace-only documents (and missing values) are skipped. The token streams of the whole
-    split are concatenated in row order and cut into consecutive blocks of exactly ``block_size`` tokens;
-    the remainder shorter than a block is dropped. When the whole split is shorter than one block, it is
-    kept as a single shorter block rather than giving nothing (handy for tiny validation sets).
+    split are concatenated in row order and cut into consecutive pieces of ``block_size`` tokens, or of
+    ``block_size - 1`` tokens when blocks start with a BOS token (see ``bos``): such a block is ``<bos>``
+    followed by its piece, so it still holds ``block_size`` tokens, and the BOS is context only (label -100).
+    Every text token of the kept pieces is in exactly one block; the remainder shorter than a piece is
+    dropped. When the whole split is shorter than one piece, it is kept as a single shorter block rather
+    than giving nothing (handy for tiny validation sets).
 
     Args:
         dataset: A :class:`datasets.Dataset` with a ``text`` column.
         tokenizer: A transformers tokenizer with an EOS token.
-        block_size: Tokens per block.
+        block_size: Tokens per block (at least 2 with a BOS).
         num_proc: Processes for the tokenizing :meth:`~datasets.Dataset.map`.
+        bos: Put the tokenizer's BOS token first in every block: None (default) when the tokenizer adds one
+            to a plain encode (:func:`tokenizer_adds_bos`), or True/False to force it (:func:`resolve_bos`).
 
     Returns:
         A :class:`datasets.Dataset` with columns ``input_ids``, ``attention_mask`` (all ones) and
-        ``labels`` (equal to ``input_ids``).
+        ``labels`` (equal to ``input_ids``, except -100 at a leading BOS).
 
     Raises:
-        DataError: no ``text`` column, no EOS token, or no text at all.
+        DataError: no ``text`` column, no EOS token, no text at all, ``block_size`` below 2 with a BOS, or
+            ``bos=True`` without a BOS token.
     """
     import datasets
     import pyarrow as pa
@@ -411,6 +463,10 @@ def tokenize_text_blocks(
     if "text" not in dataset.column_names:
         raise DataError(f"plain-text data needs a 'text' column (columns: {', '.join(dataset.column_names)})")
     eos = _eos_id(tokenizer, "packing needs one to separate documents")
+    bos_id = resolve_bos(tokenizer, bos)
+    piece = block_size if bos_id is None else block_size - 1
+    if piece < 1:
+        raise DataError("block_size must be at least 2 when blocks start with a BOS token")
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
         docs = [doc for doc in batch["text"] if isinstance(doc, str) and doc.strip()]
@@ -432,22 +488,24 @@ def tokenize_text_blocks(
     values = pa.concat_arrays(flat).to_numpy() if flat else np.zeros(0, dtype=np.int64)
     if values.size == 0:
         raise DataError("no text to pack: every document of the split is empty")
-    count = values.size // block_size
-    if count == 0:
-        offsets = np.array([0, values.size], dtype=np.int32)
-    else:
-        values = values[: count * block_size]
-        offsets = np.arange(0, count * block_size + 1, block_size, dtype=np.int32)
+    count = values.size // piece
     values = values.astype(np.int64, copy=False)
+    pieces = values[None, :] if count == 0 else values[: count * piece].reshape(count, piece)
+    ids = labels = pieces
+    if bos_id is not None:
+        first = np.full((len(pieces), 1), bos_id, dtype=np.int64)
+        ids = np.concatenate([first, pieces], axis=1)
+        labels = np.concatenate([np.full_like(first, IGNORE_INDEX), pieces], axis=1)
+    offsets = pa.array(np.arange(0, ids.size + 1, ids.shape[1], dtype=np.int32))
 
     def blocks(array: np.ndarray) -> Any:
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(array))
+        return pa.ListArray.from_arrays(offsets, pa.array(array.ravel()))
 
     return datasets.Dataset.from_dict(
         {
-            "input_ids": blocks(values),
-            "attention_mask": blocks(np.ones_like(values)),
-            "labels": blocks(values),
+            "input_ids": blocks(ids),
+            "attention_mask": blocks(np.ones_like(ids)),
+            "labels": blocks(labels),
         }
     )
 
@@ -546,7 +604,8 @@ def tokenize_chat(dataset: Dataset, tokenizer: Any, max_length: int, fmt: str) -
     Each row goes through :func:`to_messages` and :func:`encode_chat` (see it for the labelling rule) in a
     :meth:`~datasets.Dataset.map`, is truncated to ``max_length`` tokens, and rows left with no labelled
     token after truncation are dropped: their count is logged as a warning and kept in the returned data
-    set's ``num_dropped`` attribute.
+    set's ``num_dropped`` attribute. The tokens are the template's alone: a BOS token is there only when the
+    template writes one (Gemma's and LLaMA 3's do), never added a second time.
 
     Args:
         dataset: A :class:`datasets.Dataset` of chat records.
@@ -612,7 +671,12 @@ def tokenize_chat(dataset: Dataset, tokenizer: Any, max_length: int, fmt: str) -
 
 
 def encode_lm_splits(
-    splits: Mapping[str, Dataset], tokenizer: Any, *, max_length: int, fmt: str | None = None
+    splits: Mapping[str, Dataset],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    fmt: str | None = None,
+    bos: bool | None = None,
 ) -> dict[str, Dataset]:
     """Tokenizes every split: packing for ``"text"`` (blocks of ``max_length``), chat rendering otherwise.
 
@@ -622,6 +686,8 @@ def encode_lm_splits(
         tokenizer: A transformers tokenizer.
         max_length: Block size for packing, most tokens per row for chat data.
         fmt: One of :data:`LM_FORMATS`; detected from the training split's columns when None.
+        bos: Plain text only: a BOS token first in every packed block (see :func:`tokenize_text_blocks`;
+            None: when the tokenizer adds one). Chat rows keep what the chat template renders.
 
     Returns:
         Split name -> :class:`datasets.Dataset` in torch format (``input_ids``, ``attention_mask``,
@@ -638,7 +704,7 @@ def encode_lm_splits(
     encoded: dict[str, Dataset] = {}
     for name, dataset in splits.items():
         if fmt == "text":
-            result = tokenize_text_blocks(dataset, tokenizer, max_length)
+            result = tokenize_text_blocks(dataset, tokenizer, max_length, bos=bos)
         else:
             result = tokenize_chat(dataset, tokenizer, max_length, fmt)
         result.set_format("torch", columns=["input_ids", "attention_mask", "labels"])

@@ -1,7 +1,8 @@
 """Language-model evaluation: strided perplexity, and multiple choice scored by log-likelihood.
 
 :func:`perplexity` scores documents with sliding windows (the usual strided method) and weights every
-token alike. :func:`multiple_choice` scores each choice's continuation by its summed log-probability the way
+token alike; when the tokenizer adds a BOS token (Gemma, LLaMA), every window starts with it.
+:func:`multiple_choice` scores each choice's continuation by its summed log-probability the way
 lm-evaluation-harness (``lm_eval``) scores its ``multiple_choice`` tasks with a Hugging Face model (``HFLM``):
 the same context/continuation split, the same left truncation, the same ``acc``/``acc_norm``, except that a
 row whose best score is tied or NaN counts as wrong (see :func:`multiple_choice`).
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..data.causal_lm import resolve_bos
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 DEFAULT_CONTEXT_LENGTH = 2048  # lm-eval's default when neither config nor tokenizer gives a context length
@@ -135,10 +138,11 @@ def score_items(
 class PerplexityResult:
     perplexity: float  # exp(nll)
     nll: float  # mean negative log-likelihood per scored token (nats)
-    tokens: int  # tokens scored: every token but the first of each document
-    window: int  # max_length: tokens the model reads per window
+    tokens: int  # tokens scored: every token but the first of each document (every text token with a BOS)
+    window: int  # max_length: tokens the model reads per window (a BOS included)
     stride: int  # how far each window advances
     documents: int  # documents with at least 2 tokens (the only ones that have something to score)
+    bos: bool = False  # every window started with the BOS token
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,19 +177,33 @@ def sliding_windows(length: int, max_length: int, stride: int) -> list[Window]:
     return windows
 
 
-def tokenize_documents(tokenizer: Any, texts: Sequence[str | Tokens]) -> list[list[int]]:
-    """Token ids per document: strings go through ``tokenizer(text)`` with its default special tokens
-    (a BOS for LLaMA-style tokenizers, nothing for GPT-2 or Qwen; no EOS is appended); sequences of ints
-    (pre-tokenized documents) are kept as they are."""
+def tokenize_documents(
+    tokenizer: Any, texts: Sequence[str | Tokens], bos_id: int | None = None
+) -> list[list[int]]:
+    """Token ids per document: strings are tokenized without special tokens (no EOS is appended), sequences
+    of ints (pre-tokenized documents) are taken as they are; ``bos_id`` (when not None) is then put first in
+    each document that does not already start with it."""
     documents = []
     for text in texts:
         if isinstance(text, str):
             if tokenizer is None:
                 raise ValueError("a text was given as a string but tokenizer is None")
-            documents.append(list(tokenizer(text, verbose=False)["input_ids"]))
+            ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         else:
-            documents.append([int(token) for token in text])
+            ids = [int(token) for token in text]
+        if bos_id is not None and ids[:1] != [bos_id]:
+            ids.insert(0, bos_id)
+        documents.append(ids)
     return documents
+
+
+def _window_tokens(ids: Tokens, window: Window, bos_id: int | None) -> list[int]:
+    """``ids[begin : end + 1]`` (what a window reads, then its last target), the first token replaced by
+    ``bos_id`` in every window but a document's first (which starts with it already)."""
+    tokens = list(ids[window.begin : window.end + 1])
+    if bos_id is not None and window.begin > 0:
+        tokens[0] = bos_id
+    return tokens
 
 
 def _safe_exp(x: float) -> float:
@@ -202,18 +220,30 @@ def perplexity(
     batch_size: int = 4,
     device: torch.device | str | None = None,
     progress: bool = False,
+    bos: bool | None = None,
 ) -> PerplexityResult:
     """Token-weighted perplexity of ``model`` over ``texts`` with sliding windows.
 
-    Each text is tokenized on its own (see :func:`tokenize_documents`; ``tokenizer`` may be None when all
-    texts are token ids) and scored with :func:`sliding_windows` of ``max_length`` tokens advancing by
-    ``stride`` (default ``max_length``: disjoint windows). Every token but the first of each document is
-    scored exactly once; documents with fewer than 2 tokens are skipped. The NLL is summed in float64 and
-    perplexity = exp(total NLL / tokens). ``max_length`` should not exceed the model's context length.
-    The model's train/eval mode is restored; ``device`` moves the model.
+    Each text is tokenized on its own, without special tokens (see :func:`tokenize_documents`; ``tokenizer``
+    may be None when all texts are token ids) and scored with :func:`sliding_windows` of ``max_length``
+    tokens advancing by ``stride`` tokens (default ``max_length``: disjoint windows). Every token but the
+    first of each document is scored exactly once, by the first window that reaches it; documents with
+    fewer than 2 tokens are skipped. The NLL is summed in float64 and perplexity = exp(total NLL / tokens).
+    ``max_length`` should not exceed the model's context length. The model's train/eval mode is restored;
+    ``device`` moves the model.
+
+    With a BOS token (``bos=None``, the default: when the tokenizer adds one to a plain encode; ``True`` or
+    ``False`` force it, see :func:`aptune.data.causal_lm.resolve_bos`), a document is ``<bos>`` followed by
+    its text tokens: every text token is scored once (the first one predicted from ``<bos>`` alone), the BOS
+    never. Every window starts with ``<bos>``: the windows are the ones above, but each window after a
+    document's first reads ``<bos>`` in place of its first token (context only: that window never scores
+    it). So a window reads ``<bos>`` and at most ``max_length - 1`` text tokens, and windows advance by
+    ``stride`` text tokens. With ``stride == max_length`` (disjoint windows) the first token each later window
+    scores is predicted from ``<bos>`` alone (without a BOS, from the one text token before it).
 
     Raises:
-        ValueError: no texts, ``stride > max_length``, sizes < 1, or no text with 2 tokens or more.
+        ValueError: no texts, ``stride > max_length``, sizes < 1, no text with 2 tokens or more (1 text
+            token or more with a BOS), or ``bos=True`` with a tokenizer that has no BOS token.
     """
     if len(texts) == 0:
         raise ValueError("perplexity() got no texts")
@@ -221,11 +251,12 @@ def perplexity(
     _check_positive(max_length=max_length, stride=stride, batch_size=batch_size)
     if stride > max_length:
         raise ValueError(f"stride ({stride}) must be <= max_length ({max_length}): tokens would go unscored")
-    documents = [ids for ids in tokenize_documents(tokenizer, texts) if len(ids) >= 2]
+    bos_id = resolve_bos(tokenizer, bos)
+    documents = [ids for ids in tokenize_documents(tokenizer, texts, bos_id) if len(ids) >= 2]
     if not documents:
         raise ValueError("every text has fewer than 2 tokens: nothing to score")
     items = [
-        (ids[w.begin : w.end + 1], w.scored)
+        (_window_tokens(ids, w, bos_id), w.scored)
         for ids in documents
         for w in sliding_windows(len(ids), max_length, stride)
     ]
@@ -234,7 +265,9 @@ def perplexity(
     )
     tokens = sum(n for _, n in items)
     nll = -math.fsum(sums) / tokens
-    return PerplexityResult(_safe_exp(nll), nll, tokens, max_length, stride, len(documents))
+    return PerplexityResult(
+        _safe_exp(nll), nll, tokens, max_length, stride, len(documents), bos_id is not None
+    )
 
 
 # ------------------------------------------------------------------------------------------ multiple choice
@@ -380,7 +413,11 @@ def multiple_choice(
     ``acc`` picks the best score, ``acc_norm`` the best score per character of the choice (without the
     space). Unlike lm-eval, which takes the first index, a row whose best score is tied or NaN is wrong (a
     broken model that scores every choice alike must not look accurate); such rows are counted in
-    ``ties``/``ties_norm``/``nan``. Ties are exact float equality.
+    ``ties``/``ties_norm``/``nan``. Ties are exact float equality. A BOS token comes first exactly as in
+    lm-eval's ``HFLM`` (which leaves ``add_bos_token`` unset by default): from the tokenizer's default
+    special tokens, so a tokenizer that adds one (Gemma, LLaMA) puts it before every context, unless the
+    context already starts with its text; left truncation of a context too long for ``max_length`` drops it,
+    as in lm-eval.
     """
     if len(rows) == 0:
         raise ValueError("multiple_choice() got no rows")
@@ -616,11 +653,13 @@ def evaluate_lm(
     text_field: str = "text",
     template: str = DEFAULT_TEMPLATE,
     progress: bool = False,
+    bos: bool | None = None,
 ) -> dict[str, Any]:
     """Perplexity on the ``text_field`` of a JSON-lines file and multiple choice on each of ``mc_files``.
 
-    ``limit`` takes the first rows of every file; ``max_length``/``stride`` are the perplexity windows
-    (multiple choice uses the model's context, as lm-eval). Returns a JSON-serialisable dict::
+    ``limit`` takes the first rows of every file; ``max_length``/``stride``/``bos`` set the perplexity
+    windows (see :func:`perplexity`; multiple choice uses the model's context and puts a BOS first as
+    lm-eval does). Returns a JSON-serialisable dict::
 
         {"perplexity": {"file": ..., "perplexity": ..., "nll": ..., "tokens": ..., ...} or None,
          "multiple_choice": {name: {"file": ..., "acc": ..., "acc_norm": ..., "n": ..., ...}}}
@@ -641,6 +680,7 @@ def evaluate_lm(
             batch_size=batch_size,
             device=device,
             progress=progress,
+            bos=bos,
         )
         report["perplexity"] = {"file": str(text_file), **result.to_dict()}
     for name, path in zip(_names(mc_files), mc_files, strict=True):

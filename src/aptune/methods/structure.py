@@ -2,7 +2,8 @@
 
 A *group* is every parameter that disappears with one block: for a head unit (one key/value head and the
 query heads that share it; one head without grouped-query attention), its rows of q, k and v (weights and
-biases) and its columns of o; for an FFN neuron, its row of up (and gate) and its column of down. Criteria
+biases) and its columns of o; for an FFN neuron, its row of up (and gate) and its column of down. In a fused
+projection (Phi-3) these are the unit's rows in each role's row range. Criteria
 that score single weights (Taylor, LoRA-guided) are summed over groups with :func:`group_scores`; the
 selection and the physical removal are the same for every method (:func:`prune_to_budget`).
 """
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..arch import describe
+from ..arch import Part, describe
 from ..budget import StructureShape, count_prunable
 from ..compact import compact
 from ..masks import StructuralMasks
@@ -25,14 +26,16 @@ from ..selection import Selection, select_blocks, select_uniform
 ElementScores = Callable[[nn.Module], tuple[Tensor, Tensor | None] | None]
 
 
-def _rows(scores: tuple[Tensor, Tensor | None] | None, groups: int) -> Tensor | None:
-    """Sum of each output row's scores (weight row plus bias entry), folded into ``groups`` equal groups."""
+def _rows(scores: tuple[Tensor, Tensor | None] | None, part: Part, groups: int) -> Tensor | None:
+    """Sum of each of the part's output rows' scores (weight row plus bias entry), folded into ``groups`` equal
+    groups."""
     if scores is None:
         return None
+    rows = slice(part.start, part.start + part.size)
     w, b = scores
-    per_row = w.float().sum(dim=1)
+    per_row = w[rows].float().sum(dim=1)
     if b is not None:
-        per_row = per_row + b.float()
+        per_row = per_row + b[rows].float()
     return per_row.view(groups, -1).sum(dim=1)
 
 
@@ -44,22 +47,27 @@ def _cols(scores: tuple[Tensor, Tensor | None] | None, groups: int) -> Tensor | 
 
 
 def group_scores(model: nn.Module, element_scores: ElementScores) -> tuple[list[Tensor], list[Tensor]]:
-    """Per-head and per-neuron sums of ``element_scores`` over each block's parameter group."""
+    """Per-head and per-neuron sums of ``element_scores`` over each block's parameter group.
+
+    Rows are read per part (:class:`aptune.arch.Part`): a fused projection (Phi-3's ``qkv_proj``) is scored once
+    and each role's row range is folded into the units on its own.
+    """
     structure = describe(model)
 
-    def total(n: int, row_owners: list[nn.Module], col_owner: nn.Module) -> Tensor:
+    def total(n: int, parts: list[Part], col_owner: nn.Module) -> Tensor:
         out = torch.zeros(n, dtype=torch.float64)
         if n:
-            parts = [_rows(element_scores(p), n) for p in row_owners]
-            parts.append(_cols(element_scores(col_owner), n))
-            for part in parts:
-                if part is not None:
-                    out += part.detach().to("cpu", torch.float64)
+            scored = {id(m): element_scores(m) for m in {id(p.module): p.module for p in parts}.values()}
+            terms = [_rows(scored[id(p.module)], p, n) for p in parts]
+            terms.append(_cols(element_scores(col_owner), n))
+            for term in terms:
+                if term is not None:
+                    out += term.detach().to("cpu", torch.float64)
         return out
 
     # q rows and o columns fold into units of group_size heads, k and v rows into single heads: one unit each
-    heads = [total(s.num_units, [s.q, s.k, s.v], s.o) for s in structure.attention]
-    neurons = [total(s.num_neurons, s.inputs, s.down) for s in structure.ffn]
+    heads = [total(s.num_units, s.parts, s.o) for s in structure.attention]
+    neurons = [total(s.num_neurons, s.parts, s.down) for s in structure.ffn]
     return heads, neurons
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ...adapter import APTLinear
+from ...adapter import applied_weight
 from ...arch import describe
 from ..structure import group_scores
 
@@ -23,15 +23,11 @@ def _projections(model: nn.Module) -> list[nn.Module]:
     mods: list[nn.Module] = []
     for s in structure.attention:
         if s.num_heads:
-            mods += [s.q, s.k, s.v, s.o]
+            mods += [*s.inputs, s.o]
     for s in structure.ffn:
         if s.num_neurons:
             mods += [*s.inputs, s.down]
     return mods
-
-
-def _applied_weight(linear: nn.Module) -> Tensor:
-    return linear.merged_weight() if isinstance(linear, APTLinear) else linear.weight.detach()
 
 
 def taylor_scores(
@@ -60,7 +56,7 @@ def taylor_scores(
         grads = {id(p): (p.grad if p.grad is not None else torch.zeros_like(p)) for p in params}
 
         def element_scores(linear: nn.Module):
-            w = _applied_weight(linear)
+            w = applied_weight(linear)
             ws = (w.float() * grads[id(linear.weight)].float()).abs()
             b = linear.bias
             bs = (b.detach().float() * grads[id(b)].float()).abs() if b is not None else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...adapter import APTLinear
+from ...adapter import APTLinear, FusedAPTLinear
 from ..structure import group_scores
 
 
@@ -29,7 +29,15 @@ def lora_weight_gradient(adapter: APTLinear) -> Tensor | None:
 
 
 def element_importance(linear: nn.Module) -> tuple[Tensor, None] | None:
-    """``|W_applied * G_estimate|`` for an adapted layer; None for a plain one."""
+    """``|W_applied * G_estimate|`` for an adapted layer; None for a plain one. A fused projection (Phi-3) gets
+    each adapted part's scores in its rows and zeros in rows without an adapter."""
+    if isinstance(linear, FusedAPTLinear):
+        scores = torch.zeros(linear.weight.shape, device=linear.weight.device)
+        for adapter in linear.adapters.values():
+            part = element_importance(adapter)
+            if part is not None:
+                scores[adapter.base.start : adapter.base.stop] = part[0]
+        return scores, None
     if not isinstance(linear, APTLinear):
         return None
     g = lora_weight_gradient(linear)
