@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from conftest import TINY_DECODER
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -185,20 +186,11 @@ def write_lm_folder(
 # -- other decoder families (tests/test_families.py) -------------------------------------------------------------
 
 # Shared by every family: 4 query heads in 2 key/value groups, hidden 32, 3 layers, FFN 40.
-FAMILY_BASE = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    intermediate_size=40,
-    max_position_embeddings=64,
-    initializer_range=0.3,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
+FAMILY_BASE = {
+    **{k: v for k, v in TINY_DECODER.items() if k not in ("num_labels", "tie_word_embeddings")},
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+}
 # Per family: the config class, the causal-LM class and what differs from FAMILY_BASE. The Gemma models get a
 # head size (12) unrelated to hidden / heads (32 / 4), a sliding window short enough to matter on the test
 # sequences (sliding and global layers alternate), and Gemma 2 soft-caps attention and final logits. Phi-3 is shaped

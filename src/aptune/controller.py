@@ -454,9 +454,7 @@ class APTController:
         student = self.model
         self.collector.remove()
         remove_masks(student)
-        frozen = [t for t in [*student.parameters(), *student.buffers()] if not t.requires_grad]
-        teacher = copy.deepcopy(student, memo={id(t): t for t in frozen})
-        self.distiller.separate_teacher(teacher)
+        self.distiller.separate_teacher(_copy_sharing_frozen(student))
         apply_masks(student, self.masks)
         self.prune_physically()
 
@@ -578,8 +576,7 @@ class APTController:
         saved = state.get("distiller") or {}
         teacher = saved.get("separate_teacher")
         if self.distiller is not None and teacher is not None:
-            frozen = [t for t in [*self.model.parameters(), *self.model.buffers()] if not t.requires_grad]
-            model = copy.deepcopy(self.model, memo={id(t): t for t in frozen})
+            model = _copy_sharing_frozen(self.model)
             cut_to(model, teacher["structure"])
             load_state_strictly(model, teacher["weights"], "the checkpoint's teacher")
             for p in model.parameters():
@@ -639,6 +636,12 @@ class APTController:
             self.teacher_validation = saved["teacher_validation"]
             if saved.get("layer_sampler") is not None:
                 d.generator.set_state(saved["layer_sampler"])
+
+
+def _copy_sharing_frozen(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose frozen parameters and buffers are the original tensors (not copied)."""
+    frozen = [t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad]
+    return copy.deepcopy(model, memo={id(t): t for t in frozen})
 
 
 def _micro_batches(batches: Iterable[dict[str, Tensor]], rows: int) -> Iterable[dict[str, Tensor]]:
