@@ -76,10 +76,18 @@ def _info(args: argparse.Namespace) -> int:
     print(f"hidden     {shape.hidden} of {base.hidden} channels")
     grouped = any(a.heads != a.kv_heads for a in base.attention)  # grouped-query attention: show kv heads
     kv_title = f"  {'kv heads':>9}" if grouped else ""
-    print(f"{'layer':>5}  {'heads':>9}{kv_title}  {'FFN neurons':>13}")
-    for i, (a, f) in enumerate(zip(structure.attention, structure.ffn, strict=True)):
-        kv = f"  {a.num_kv_heads:>4}/{base.units[i]:<4}" if grouped else ""
-        print(f"{i:>5}  {a.num_heads:>4}/{base.heads[i]:<4}{kv}  {f.num_neurons:>6}/{base.neurons[i]:<6}")
+    if len(structure.attention) == len(structure.ffn):  # one attention and one FFN per layer
+        print(f"{'layer':>5}  {'heads':>9}{kv_title}  {'FFN neurons':>13}")
+        for i, (a, f) in enumerate(zip(structure.attention, structure.ffn, strict=True)):
+            kv = f"  {a.num_kv_heads:>4}/{base.units[i]:<4}" if grouped else ""
+            print(f"{i:>5}  {a.num_heads:>4}/{base.heads[i]:<4}{kv}  {f.num_neurons:>6}/{base.neurons[i]:<6}")
+    else:  # encoder-decoder: self- and cross-attention sites, then FFN sites, by name
+        width = max(len(s.name) for s in [*structure.attention, *structure.ffn])
+        for i, a in enumerate(structure.attention):
+            kv = f"  kv {a.num_kv_heads}/{base.units[i]}" if grouped else ""
+            print(f"{a.name:<{width}}  heads {a.num_heads:>4}/{base.heads[i]:<4}{kv}")
+        for i, f in enumerate(structure.ffn):
+            print(f"{f.name:<{width}}  neurons {f.num_neurons:>6}/{base.neurons[i]:<6}")
     print(
         f"prunable   {report['prunable']:,} of {report['prunable_before']:,} parameters "
         f"(density {report['density']:.3f})"

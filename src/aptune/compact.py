@@ -134,6 +134,8 @@ def compact(model: nn.Module, masks: StructuralMasks | None = None) -> nn.Module
         slice_linear(site.o, in_idx=query)
         if site.on_resize is not None:
             site.on_resize(site, len(units) * site.group_size, len(units))
+        if site.on_prune is not None:
+            site.on_prune(site, units)
 
     for site, mask in zip(structure.ffn, masks.neurons, strict=True):
         if site.num_neurons == 0 or bool((mask == 1).all()):
@@ -148,8 +150,14 @@ def compact(model: nn.Module, masks: StructuralMasks | None = None) -> nn.Module
     if not bool((masks.hidden == 1).all()):
         idx = _kept(masks.hidden)
         hidden = describe(model).hidden  # after dropped sublayers are gone
+        sliced: dict[int, nn.Parameter] = {}  # embeddings that share one weight (T5's) keep sharing it
         for emb in hidden.embeddings:
+            old = emb.weight
+            if id(old) in sliced:
+                emb.weight, emb.embedding_dim = sliced[id(old)], len(idx)
+                continue
             _slice_embedding(emb, idx)
+            sliced[id(old)] = emb.weight
         for norm in hidden.norms:
             _slice_norm(norm, idx)
         producers = {id(m) for m in hidden.producers}
@@ -336,8 +344,27 @@ def cut_to(model: nn.Module, saved: dict[str, Any]) -> None:
         adapters[name].grow(rank)
 
 
+def _untie_differing(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Give each name of a parameter that the model shares under several names (a tied language-model head) its
+    own parameter when ``state`` holds different tensors for them, as ``from_pretrained`` does. A T5 v1.1 built
+    from its config ties ``lm_head`` to the embedding, while its checkpoint has its own head."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for shared in names.values():
+        saved = [n for n in shared if n in state]
+        for name in saved[1:]:
+            if not torch.equal(state[name], state[saved[0]]):
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                old = getattr(module, attr)
+                setattr(module, attr, nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad))
+
+
 def load_state_strictly(model: nn.Module, state: dict[str, Tensor], source: str = "the checkpoint") -> None:
-    """Load a full model state strictly (tied weights may be stored under either name)."""
+    """Load a full model state strictly (tied weights may be stored under either name; a tied pair stored with
+    different values is untied first)."""
+    _untie_differing(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = [k for k in missing if k not in tied]

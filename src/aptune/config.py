@@ -8,6 +8,7 @@ a warm-up of one epoch during which the density target stays 1.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid."""
 
 
+def default_targets(decoder: bool) -> tuple[str, ...]:
+    """The general default adapter roles: query and value, plus the FFN's up projection in encoders (spec §2.4)."""
+    return ("q", "v") if decoder else ("q", "v", "up")
+
+
 @dataclass(frozen=True)
 class APTConfig:
     target_density: float = 0.4
@@ -29,7 +35,8 @@ class APTConfig:
     # Fields left as None take the default of the model kind (see ``resolve``): encoders follow the paper's
     # small-model recipe, decoders its LLaMA recipe (spec §2.4, §5.7).
     recipe: str = "auto"  # gradual (encoders) | one-shot (decoders: calibrate, prune once, then tune)
-    adapter_targets: tuple[str, ...] | None = None  # default: q, v, up (encoders); q, v (decoders)
+    # default: the family's (T5: q, v and the FFN's first input projection), else q, v, up (encoders); q, v (decoders)
+    adapter_targets: tuple[str, ...] | None = None
     train_head: bool = True  # train the task layers the task class adds (classifier, score), as PEFT does
     salience_start: int | None = None  # default: min(200, 5% of training)
     pruning_end: int | None = None  # default: 40% of training
@@ -105,17 +112,20 @@ class APTConfig:
         if self.mask_step is not None and not 0 < self.mask_step <= 1:
             raise ConfigError(f"mask_step must be in (0, 1], got {self.mask_step}")
 
-    def for_model(self, decoder: bool) -> APTConfig:
-        """Fill the fields whose default depends on the model kind (``decoder``: a causal language model)."""
+    def for_model(self, decoder: bool, adapter_targets: Sequence[str] | None = None) -> APTConfig:
+        """Fill the fields whose default depends on the model kind (``decoder``: a causal language model).
+
+        ``adapter_targets`` is the model family's default (:meth:`aptune.arch.ArchSpec.default_adapter_targets`),
+        taken when the config names none. Without one, unset adapter targets stay unset here (the caller may not
+        know the family yet) and :meth:`resolve` gives them the general default of the model kind.
+        """
         recipe = self.recipe if self.recipe != "auto" else ("one-shot" if decoder else "gradual")
         one_shot = recipe == "one-shot"
-        targets = self.adapter_targets
-        if targets is None:
-            targets = ("q", "v") if decoder else ("q", "v", "up")
+        targets = self.adapter_targets if self.adapter_targets is not None else adapter_targets
         return replace(
             self,
             recipe=recipe,
-            adapter_targets=tuple(targets),
+            adapter_targets=None if targets is None else tuple(targets),
             initial_density=(self.initial_density or self.target_density) if one_shot else None,
             # decoders: the shape stock runtimes load (measured trade-off in docs/lm.md); encoders: per layer
             shape=self.shape or ("uniform" if decoder else "per-layer"),
@@ -124,9 +134,16 @@ class APTConfig:
             use_kurtosis=False if self.use_kurtosis is None else self.use_kurtosis,
         )
 
-    def resolve(self, total_steps: int, steps_per_epoch: int, decoder: bool = False) -> APTConfig:
-        """Fill the fields left as None for a run of ``total_steps`` optimizer steps on a model of that kind."""
-        c = self.for_model(decoder)  # idempotent: fields already set stay
+    def resolve(
+        self,
+        total_steps: int,
+        steps_per_epoch: int,
+        decoder: bool = False,
+        adapter_targets: Sequence[str] | None = None,
+    ) -> APTConfig:
+        """Fill the fields left as None for a run of ``total_steps`` optimizer steps on a model of that kind
+        (``adapter_targets``: the family's default adapter roles, as for :meth:`for_model`)."""
+        c = self.for_model(decoder, adapter_targets)  # idempotent: fields already set stay
         if total_steps < 4:
             raise ConfigError(f"APT needs a run of at least a few steps, got {total_steps}")
         start = c.salience_start if c.salience_start is not None else min(200, max(1, total_steps // 20))
@@ -152,8 +169,10 @@ class APTConfig:
         distill_end = c.distill_end if c.distill_end is not None else max(end, int(0.75 * total_steps))
         if distill_end < warmup:
             raise ConfigError(f"distill_end ({distill_end}) comes before the end of the warm-up ({warmup})")
+        targets = c.adapter_targets if c.adapter_targets is not None else default_targets(decoder)
         return replace(
             c,
+            adapter_targets=targets,
             salience_start=start,
             pruning_end=end,
             warmup_end=warmup,

@@ -36,11 +36,11 @@ from torch import Tensor, nn
 
 from . import distributed
 from .adapter import add_adapters, rank_saliences
-from .arch import describe, is_causal_lm
+from .arch import describe, get_spec, is_causal_lm
 from .budget import StructureShape, count_prunable
 from .compact import compact, cut_to, load_state_strictly, shape_and_ranks
 from .config import APTConfig
-from .distill import SelfDistiller
+from .distill import SelfDistiller, target_mask
 from .masks import StructuralMasks, apply_masks, remove_masks
 from .memory import release_memory
 from .salience import BlockScores, SalienceCollector, ema, ema_, outlier_scores, with_outliers
@@ -54,7 +54,12 @@ class APTController:
 
     def __init__(self, model: nn.Module, config: APTConfig, total_steps: int, steps_per_epoch: int):
         self.model = model
-        self.config = config.resolve(total_steps, steps_per_epoch, decoder=is_causal_lm(model))
+        self.config = config.resolve(
+            total_steps,
+            steps_per_epoch,
+            decoder=is_causal_lm(model),
+            adapter_targets=get_spec(model).default_adapter_targets(model),
+        )
         c = self.config
         for p in model.parameters():
             p.requires_grad_(False)
@@ -149,7 +154,9 @@ class APTController:
         teacher = self.distiller.teacher_outputs(batch)
         out = self.model(**batch, output_hidden_states=True)
         mu = self.distill_weight()
-        distill = self.distiller.loss(out, teacher, self._alive_layers(), batch.get("attention_mask"))
+        distill = self.distiller.loss(
+            out, teacher, self._alive_layers(), batch.get("attention_mask"), target_mask(batch)
+        )
         return mu * distill + (1 - mu) * out.loss
 
     def distill_weight(self) -> float:

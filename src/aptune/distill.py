@@ -18,9 +18,15 @@ What ``L_pred`` compares depends on the head (:func:`output_prediction_loss`):
   non-padding tokens of the attention mask. Tokens whose label is -100 (special tokens, continuation
   sub-words) are real tokens and still count: the teacher's distribution there is well defined;
 * question answering (``start_logits``/``end_logits``, each ``batch x tokens``): the mean of the KL over start
-  positions and the KL over end positions, each averaged over the batch (spec §7.1, as the official code does).
+  positions and the KL over end positions, each averaged over the batch (spec §7.1, as the official code does);
+* an encoder-decoder (T5) language-model head: the KL per target token, averaged over the real target tokens
+  (the batch's ``decoder_attention_mask``, else the positions whose label is not -100: :func:`target_mask`).
 
 With an attention mask, ``L_layer`` also ignores padding: each MSE is a mean over non-padding tokens and channels.
+An encoder-decoder model has two stacks, handled separately as the paper's code does (spec §7.3): teacher layers are
+sampled from each stack, student layers are mapped within it (its encoder layers are the model's first layers, its
+decoder layers the next ones: :class:`aptune.arch.ModelStructure` numbers them so), and ``L_layer`` is the mean of
+the two stacks' sums, the encoder's over source tokens and the decoder's over target tokens.
 """
 
 from __future__ import annotations
@@ -173,6 +179,37 @@ def layer_loss(
     return total
 
 
+def target_mask(batch: dict[str, Tensor]) -> Tensor | None:
+    """The target-side token mask of a sequence-to-sequence batch: its ``decoder_attention_mask``, else the
+    labelled target positions (``labels != -100``: the rest pads the targets); None without either. Only an
+    encoder-decoder model's loss reads it (:meth:`SelfDistiller.loss`)."""
+    mask = batch.get("decoder_attention_mask")
+    if mask is not None:
+        return mask
+    labels = batch.get("labels")
+    return labels != -100 if isinstance(labels, Tensor) and labels.dim() == 2 else None
+
+
+def _is_seq2seq(out) -> bool:
+    """Whether a model output is an encoder-decoder's (it has decoder hidden states)."""
+    return getattr(out, "decoder_hidden_states", None) is not None
+
+
+def hidden_stacks(
+    student_out, teacher_out, attention_mask: Tensor | None = None, decoder_mask: Tensor | None = None
+) -> list[tuple[Sequence[Tensor], Sequence[Tensor], Tensor | None]]:
+    """(student layer outputs, teacher layer outputs, token mask) of each stack; the embedding output is not
+    compared. One stack (``hidden_states``, ``attention_mask``) for an encoder or a decoder; an encoder-decoder's
+    encoder (``encoder_hidden_states``, ``attention_mask``), then its decoder (``decoder_hidden_states``,
+    ``decoder_mask``)."""
+    if _is_seq2seq(student_out):
+        return [
+            (student_out.encoder_hidden_states[1:], teacher_out.encoder_hidden_states[1:], attention_mask),
+            (student_out.decoder_hidden_states[1:], teacher_out.decoder_hidden_states[1:], decoder_mask),
+        ]
+    return [(student_out.hidden_states[1:], teacher_out.hidden_states[1:], attention_mask)]
+
+
 # -- the teacher -----------------------------------------------------------------------------------------
 
 
@@ -290,6 +327,15 @@ class SelfDistiller:
 
     def teacher_outputs(self, batch: dict[str, Tensor]):
         inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        labels = batch.get("labels")
+        prepare = getattr(self.model, "prepare_decoder_input_ids_from_labels", None)
+        if (
+            labels is not None
+            and prepare is not None
+            and not {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch)
+        ):
+            # an encoder-decoder builds its decoder inputs from the labels, which the teacher does not get
+            inputs["decoder_input_ids"] = prepare(labels=labels)
         if self.teacher_model is not None:
             with torch.no_grad():
                 return self.teacher_model(**inputs, output_hidden_states=True)
@@ -297,23 +343,36 @@ class SelfDistiller:
             return self.model(**inputs, output_hidden_states=True)
 
     def loss(
-        self, student_out, teacher_out, alive: Sequence[bool], attention_mask: Tensor | None = None
+        self,
+        student_out,
+        teacher_out,
+        alive: Sequence[bool],
+        attention_mask: Tensor | None = None,
+        decoder_mask: Tensor | None = None,
     ) -> Tensor:
         """``w_pred * L_pred + w_layer * L_layer`` for one batch.
 
         ``student_out``/``teacher_out`` are model outputs with hidden states and either ``logits`` or
         ``start_logits``/``end_logits``; ``alive[i]`` says whether layer ``i`` keeps a head and a neuron.
         ``attention_mask`` (the batch's, ``batch x tokens``) excludes padding tokens from the token-level KL
-        and from the layer MSE; without it every position counts.
+        and from the layer MSE; without it every position counts. For an encoder-decoder output it covers the
+        encoder, and ``decoder_mask`` (:func:`target_mask`) the decoder and its logits.
         """
-        pred = output_prediction_loss(student_out, teacher_out, self.temperature, attention_mask)
-        student_hidden = student_out.hidden_states[1:]  # layer outputs; the embedding output is not compared
-        teacher_hidden = teacher_out.hidden_states[1:]
-        layers = sample_teacher_layers(len(teacher_hidden), self.generator)
-        pairs = map_layers(layers, alive, student_hidden, teacher_hidden, self.transform, attention_mask)
-        return self.pred_weight * pred + self.layer_weight * layer_loss(
-            pairs, student_hidden, teacher_hidden, self.transform, attention_mask
-        )
+        seq2seq = _is_seq2seq(student_out)
+        pred_mask = decoder_mask if seq2seq else attention_mask
+        pred = output_prediction_loss(student_out, teacher_out, self.temperature, pred_mask)
+        stacks = hidden_stacks(student_out, teacher_out, attention_mask, decoder_mask)
+        total, first = None, 0
+        for student_hidden, teacher_hidden, mask in stacks:
+            n = len(teacher_hidden)
+            layers = sample_teacher_layers(n, self.generator)
+            pairs = map_layers(
+                layers, alive[first : first + n], student_hidden, teacher_hidden, self.transform, mask
+            )
+            part = layer_loss(pairs, student_hidden, teacher_hidden, self.transform, mask)
+            total = part if total is None else total + part
+            first += n
+        return self.pred_weight * pred + self.layer_weight * (total / len(stacks))
 
     @torch.no_grad()
     def on_hidden_pruned(self, kept: Tensor, old_size: int) -> None:

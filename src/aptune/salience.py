@@ -170,7 +170,9 @@ class SalienceCollector:
     ``remove()`` takes the hooks away; create a new collector after the model's modules change.
 
     Padding: when the model is called with an ``attention_mask`` of the same batch and length as a hooked
-    tensor, padding tokens are left out of the sums.
+    tensor, padding tokens are left out of the sums. In an encoder-decoder model (T5) that mask covers the
+    encoder, and the decoder's tensors use the target's mask: ``decoder_attention_mask``, else the positions
+    whose label is not -100 (hooks on the two stacks switch between them); ``n`` counts both sides' tokens.
     """
 
     def __init__(self, model: nn.Module, structure: ModelStructure, track_inputs: bool = True):
@@ -184,6 +186,12 @@ class SalienceCollector:
         self._mask: Tensor | None = None  # the current forward's token mask, (batch, length)
         self._weights_cache: dict = {}  # that mask as per-token weights, per device and dtype
         self._handles = [model.register_forward_pre_hook(self._read_mask, with_kwargs=True)]
+        # an encoder-decoder: (source mask, target mask), each stack switching to its own before it runs
+        self._seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self._stack_masks: tuple[Tensor | None, Tensor | None] = (None, None)
+        if self._seq2seq:
+            for side, stack in enumerate((model.get_encoder(), model.get_decoder())):
+                self._handles.append(stack.register_forward_pre_hook(self._stack_hook(side)))
         for site, acc in zip(structure.attention, self._heads, strict=True):
             if site.num_heads:
                 self._handles.append(
@@ -206,21 +214,42 @@ class SalienceCollector:
         if not self.active or not torch.is_grad_enabled():  # a teacher's no-grad pass is not scored
             return None
         self._weights_cache = {}
-        mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
+        self._mask = self._count(kwargs.get("attention_mask"), ids)
+        if self._seq2seq:
+            target = kwargs.get("decoder_attention_mask")
+            labels = kwargs.get("labels")
+            if target is None and isinstance(labels, Tensor) and labels.dim() == 2:
+                target = labels != -100
+            self._stack_masks = (self._mask, self._count(target, kwargs.get("decoder_input_ids")))
+        return None
+
+    def _count(self, mask: Tensor | None, ids: Tensor | None) -> Tensor | None:
+        """Add the real tokens of ``mask`` (``batch x tokens``; without one, all of ``ids``) to this step's count,
+        and return the mask as booleans, or None when it leaves nothing out."""
         if isinstance(mask, Tensor) and mask.dim() == 2:
-            self._mask = mask.detach() != 0
-            count = self._mask.sum()
-            if self._mask.device.type == "cpu" and bool(self._mask.all()):
-                self._mask = None  # no padding: nothing to leave out (checked only where it costs no sync)
+            kept = mask.detach() != 0
+            count = kept.sum()
+            if kept.device.type == "cpu" and bool(kept.all()):
+                kept = None  # no padding: nothing to leave out (checked only where it costs no sync)
         else:
-            self._mask = None
+            kept = None
             shape = ids.shape if isinstance(ids, Tensor) else None
             count = torch.tensor(float(shape.numel())) if shape is not None else None
         if count is not None:
             count = count.to(torch.float32)
             self._tokens = count if self._tokens is None else self._tokens + count.to(self._tokens.device)
-        return None
+        return kept
+
+    def _stack_hook(self, side: int):
+        """A pre-hook on the encoder (side 0) or decoder (1) of an encoder-decoder: use that side's token mask."""
+
+        def hook(module, args):
+            if self.active and torch.is_grad_enabled():
+                self._mask = self._stack_masks[side]
+                self._weights_cache = {}
+
+        return hook
 
     def _weights(self, x: Tensor) -> Tensor | None:
         """Per-token 0/1 weights shaped to broadcast over ``x``, or None (every token counts)."""
@@ -272,6 +301,7 @@ class SalienceCollector:
             acc.__init__()
         self._tokens = None
         self._mask = None
+        self._stack_masks = (None, None)
 
     @torch.no_grad()
     def all_reduce(self) -> None:

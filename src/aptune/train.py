@@ -56,7 +56,9 @@ class TrainConfig:
     """Everything about a run except the APT knobs. CLI flags mirror these fields."""
 
     model: str = ""  # a folder, a hub name, or a packaged model: "" / "minilm", "smollm2", "gemma3-270m"
-    task: str | None = None  # classification | causal-lm; default: inferred from the data and the model
+    task: str | None = (
+        None  # classification | causal-lm | qa | seq2seq; default: inferred from the data and the model
+    )
     data: str | None = None  # a data set name ("rt-polarity"), a folder of split files, or a hub name
     train: str | None = None
     validation: str | None = None
@@ -82,6 +84,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (APT decides once per step)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     evals_per_epoch: int = 2
+    max_target_length: int = (
+        128  # seq2seq: target tokens kept in training, new tokens generated in evaluation
+    )
+    source_prefix: str = ""  # seq2seq: put before every source text (T5's "summarize: ")
+    doc_stride: int = 128  # extractive QA: context tokens shared by consecutive windows of a long context
     eval_stride: int | None = None  # causal LM: held-out perplexity stride (default max_length / 2)
     eval_mc: tuple[str, ...] = ()  # causal LM: multiple-choice files scored at the end
     eval_limit: int | None = None  # causal LM: rows per multiple-choice file (default: all)
@@ -108,11 +115,14 @@ class TrainConfig:
             "batch_size",
             "eval_batch_size",
             "max_length",
+            "max_target_length",
             "evals_per_epoch",
             "gradient_accumulation_steps",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.doc_stride < 0:
+            raise ConfigError(f"doc_stride must be >= 0, got {self.doc_stride}")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.save_every is not None and self.save_every < 1:

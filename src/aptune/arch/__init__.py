@@ -9,8 +9,9 @@ from .bert import BertSpec
 from .gemma import GemmaSpec
 from .llama import LlamaSpec
 from .phi3 import Phi3Spec
+from .t5 import T5Spec
 
-SPECS: tuple[ArchSpec, ...] = (BertSpec(), LlamaSpec(), GemmaSpec(), Phi3Spec())
+SPECS: tuple[ArchSpec, ...] = (BertSpec(), LlamaSpec(), GemmaSpec(), Phi3Spec(), T5Spec())
 
 __all__ = [
     "SPECS",

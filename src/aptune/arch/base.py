@@ -3,7 +3,7 @@
 A spec looks at a loaded Hugging Face model and describes, with references to its live modules, where the
 prunable structures are:
 
-* attention *sites* (one per attention sublayer: an encoder layer has one; a T5 decoder layer will have a
+* attention *sites* (one per attention sublayer: an encoder layer has one; a T5 decoder layer has a
   self-attention and a cross-attention site), each with its q/k/v/o projections, head size and head counts.
   The pruning unit of a site is one key/value head with the query heads that share it (one head without
   grouped-query attention);
@@ -60,13 +60,15 @@ class AttentionSite:
     ``block`` is the module whose output stands for the whole sublayer: when every head is pruned, aptune
     replaces that output with ``skip(...)`` (for a post-norm BERT layer: the sublayer's input, i.e. the
     residual passes through untouched). ``norms`` are the norms that belong to this sublayer and disappear
-    with it. ``extra_head_params`` lists (tensor owner, attribute, dim) for per-head tensors that are not
-    part of the projections (T5's relative position bias); empty for BERT.
+    with it.
 
     ``fused``: q, k and v are one projection (Phi-3's ``qkv_proj``: the rows of every query head, then of every
     key head, then of every value head), and ``q``, ``k`` and ``v`` all name it; :attr:`parts` gives each role's
     rows. ``on_resize`` updates the attention module's bookkeeping (a head count its forward reads) after
-    compaction.
+    compaction. ``on_prune`` is for per-head state outside the projections, which needs to know *which* units
+    survived, not only how many: compaction calls it with the indices of the kept units (among the site's
+    units before this compaction). T5 uses it to remember which original heads an attention keeps, so that it
+    reads their columns of the relative position bias that all layers of a stack share (``arch/t5.py``).
     """
 
     name: str
@@ -84,6 +86,8 @@ class AttentionSite:
     # set to a callable(site, num_heads, num_kv_heads) that updates bookkeeping attributes after slicing
     on_resize: Callable[[AttentionSite, int, int], None] | None = None
     fused: bool = False
+    # set to a callable(site, kept_units) that compaction calls after slicing (kept_units: a LongTensor)
+    on_prune: Callable[[AttentionSite, Any], None] | None = None
 
     @classmethod
     def dead(cls, name: str, layer: int, head_dim: int) -> AttentionSite:
@@ -243,6 +247,11 @@ class ArchSpec:
     def drop_ffn(self, model: nn.Module, site: FFNSite) -> None:
         """Replace a sublayer whose neurons are all pruned with a module that skips it."""
         raise NotImplementedError
+
+    def default_adapter_targets(self, model: nn.Module) -> tuple[str, ...] | None:
+        """The adapter roles APT uses for this model when the config names none, or None for the general default
+        (``q, v, up`` for encoders, ``q, v`` for decoders; :meth:`aptune.config.APTConfig.resolve`)."""
+        return None
 
     def facts(self, model: nn.Module) -> dict[str, str]:
         """Family-specific facts worth showing (``aptune info``): per-head norms, sliding windows, soft-capping."""

@@ -49,12 +49,12 @@ def parse_eval_line(line: str) -> tuple[int, float, float] | None:
 
 
 def train_command(config: BenchConfig, name: str, output_dir: Path, model_path: str) -> list[str]:
-    """The ``aptune train`` command of one variant; its extra flags come last so they win.
+    """The ``aptune train`` command of one variant; its own flags and then its extra flags come last so they win.
 
     A classification child skips its own speed measurement (the inference child times the model); a
     causal-LM child keeps it (prefill and decoding against dense) and also gets the evaluation settings.
     """
-    cmd = [sys.executable, "-m", "aptune.cli", "train", *variants()[name], "--output-dir", str(output_dir)]
+    cmd = [sys.executable, "-m", "aptune.cli", "train", "--output-dir", str(output_dir)]
     cmd += ["--task", config.task]
     if model_path:
         cmd += ["--model", model_path]
@@ -86,7 +86,8 @@ def train_command(config: BenchConfig, name: str, output_dir: Path, model_path: 
         cmd += ["--save-every", str(config.save_every)]
     if config.resume and latest_checkpoint(output_dir) is not None:
         cmd += ["--resume", "latest"]  # a half-finished method continues where it stopped
-    return cmd + list(config.flags_for(name))
+    # the variant's flags after the shared ones (a variant may set its own --target-density), then its extras
+    return cmd + list(variants()[name]) + list(config.flags_for(name))
 
 
 def inference_command(

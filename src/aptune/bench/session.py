@@ -187,7 +187,7 @@ def run_method(
         entry["error"] = f"unreadable {report_path}: {e}"
         return entry
     entry.setdefault("train_command", report.get("command"))
-    if config.task == "classification":
+    if config.task != "causal-lm":  # classification and QA: a separate inference child times the model
         entry["inference"] = measure_inference(config, folder, inference_path, device, model_path)
     return entry
 

@@ -18,6 +18,8 @@ SHAPES: tuple[str, ...] = ("uniform", "per-layer")
 EXTRA_VARIANTS: dict[str, tuple[str, ...]] = {
     "apt-nodistill": ("--method", "apt", "--no-distill"),
     "apt-distill": ("--method", "apt", "--distill"),
+    # APT at another density than the bench's, so one bench compares two densities against one reference
+    **{f"apt-density-{d}": ("--method", "apt", "--target-density", d) for d in ("0.5", "0.6", "0.7")},
     **{
         f"{method}-{shape}": ("--method", method, "--shape", shape)
         for method in SHAPED_METHODS
@@ -38,7 +40,7 @@ DEFAULT_METHODS: tuple[str, ...] = (
 
 REFERENCE = "full"  # classification: time to accuracy and speed-ups are relative to this variant
 # the reference per task when none is configured: causal-LM ratios (perplexity, memory) are to dense LoRA
-REFERENCES: dict[str, str] = {"classification": REFERENCE, "causal-lm": "lora"}
+REFERENCES: dict[str, str] = {"classification": REFERENCE, "causal-lm": "lora", "qa": REFERENCE}
 
 
 def variants() -> dict[str, tuple[str, ...]]:

@@ -293,38 +293,23 @@ def _select_text_field(dataset: Dataset, text_field: str, source: str) -> Datase
     return dataset if text_field == "text" else dataset.rename_column(text_field, "text")
 
 
-def load_lm_splits(
+def load_dataset_splits(
     data: str | os.PathLike[str] | None = None,
     *,
     train: str | os.PathLike[str] | None = None,
     validation: str | os.PathLike[str] | None = None,
     test: str | os.PathLike[str] | None = None,
-    text_field: str | None = None,
-) -> DatasetDict:
-    """Loads causal-LM data as a :class:`datasets.DatasetDict` with splits among train, validation, test.
+) -> tuple[dict[str, Dataset], dict[str, str]]:
+    """The splits a user named, as ``datasets`` data sets, and where each came from (for messages).
 
-    Either ``data`` or the split files are given, not both. ``data`` is, in this order: an existing folder
-    holding ``train.*``, ``validation.*`` (or ``dev.*``) and ``test.*`` files (only ``train`` is required;
-    when two files share a stem the first ending of :data:`LM_EXTENSIONS` wins); an existing file, loaded as
-    the training split; or a hub name (``name``, ``owner/name``, ``name/config`` or ``name:config``; its
-    ``validation``/``valid``/``dev`` split is the validation split). See the module docstring for the file
-    formats. Every split's columns must match one of :data:`LM_FORMATS`, the same as the training split's.
-
-    Args:
-        data: A folder, a file or a hub name.
-        train: Training file.
-        validation: Optional validation file.
-        test: Optional test file.
-        text_field: Model this column as plain text: each split keeps only it, renamed ``text`` (format
-            ``"text"``). Use it for a document column not called ``text`` or to skip format detection.
+    The file mechanics shared by every task that reads rows of named columns (causal LM, extractive QA,
+    seq2seq): either ``data`` (a folder of ``train``/``validation`` (or ``dev``)/``test`` files, one file taken
+    as the training split, or a hub name) or the split files, not both. The caller checks the columns.
 
     Raises:
         DataFileNotFoundError: a missing folder or file, or a folder without a training file.
-        DataError: no data or both kinds given, no training split, an empty split, an unreadable file, a
-            missing ``text_field``, or columns of no known format (classification data included).
+        DataError: no data or both kinds given, no training split, an empty split or an unreadable file.
     """
-    import datasets
-
     sources: dict[str, str] = {}
     splits: dict[str, Dataset] = {}
     files = {"train": train, "validation": validation, "test": test}
@@ -361,6 +346,42 @@ def load_lm_splits(
         else:
             raise DataFileNotFoundError(f"data folder or file not found: {name}")
 
+    return splits, sources
+
+
+def load_lm_splits(
+    data: str | os.PathLike[str] | None = None,
+    *,
+    train: str | os.PathLike[str] | None = None,
+    validation: str | os.PathLike[str] | None = None,
+    test: str | os.PathLike[str] | None = None,
+    text_field: str | None = None,
+) -> DatasetDict:
+    """Loads causal-LM data as a :class:`datasets.DatasetDict` with splits among train, validation, test.
+
+    Either ``data`` or the split files are given, not both. ``data`` is, in this order: an existing folder
+    holding ``train.*``, ``validation.*`` (or ``dev.*``) and ``test.*`` files (only ``train`` is required;
+    when two files share a stem the first ending of :data:`LM_EXTENSIONS` wins); an existing file, loaded as
+    the training split; or a hub name (``name``, ``owner/name``, ``name/config`` or ``name:config``; its
+    ``validation``/``valid``/``dev`` split is the validation split). See the module docstring for the file
+    formats. Every split's columns must match one of :data:`LM_FORMATS`, the same as the training split's.
+
+    Args:
+        data: A folder, a file or a hub name.
+        train: Training file.
+        validation: Optional validation file.
+        test: Optional test file.
+        text_field: Model this column as plain text: each split keeps only it, renamed ``text`` (format
+            ``"text"``). Use it for a document column not called ``text`` or to skip format detection.
+
+    Raises:
+        DataFileNotFoundError: a missing folder or file, or a folder without a training file.
+        DataError: no data or both kinds given, no training split, an empty split, an unreadable file, a
+            missing ``text_field``, or columns of no known format (classification data included).
+    """
+    import datasets
+
+    splits, sources = load_dataset_splits(data, train=train, validation=validation, test=test)
     if text_field is not None:
         splits = {split: _select_text_field(ds, text_field, sources[split]) for split, ds in splits.items()}
     train_format = detect_lm_format(splits["train"].column_names, source=sources["train"])

@@ -1,9 +1,10 @@
 """Tasks: what a run trains for (see :class:`Task`). One module per task; ``TASKS`` maps names to them.
 
-``infer_task`` picks the task from the data and the model when that is unambiguous: a label column means
-classification; chat columns (``messages``, ``conversations``, ``prompt``/``response``, ``instruction``/
+``infer_task`` picks the task from the data and the model when that is unambiguous: ``question``, ``context``
+and ``answers`` columns (the SQuAD format) mean extractive QA; source/target columns (``source``/``target``,
+``document``/``summary``, ...) mean seq2seq; a label column means classification; chat columns (``messages``, ``conversations``, ``prompt``/``response``, ``instruction``/
 ``output``) or a lone ``text`` column mean causal LM; otherwise the model's class decides (a ``...ForCausalLM``
-checkpoint means causal LM). ``--task`` always overrides it.
+checkpoint means causal LM, a ``...ForQuestionAnswering`` one QA, a ``...ForConditionalGeneration`` one seq2seq). ``--task`` always overrides it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ from pathlib import Path
 from ..config import ConfigError
 from ..data.causal_lm import detect_lm_format
 from ..data.errors import DataError
+from ..data.seq2seq import SEQ2SEQ_COLUMNS
 from .base import Task, TaskData
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
+from .qa import QuestionAnsweringTask
+from .seq2seq import Seq2SeqTask
 
-TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "causal-lm": CausalLMTask}
+TASKS: dict[str, type[Task]] = {
+    "classification": ClassificationTask,
+    "causal-lm": CausalLMTask,
+    "qa": QuestionAnsweringTask,
+    "seq2seq": Seq2SeqTask,
+}
 
 
 def get_task(name: str) -> Task:
@@ -69,14 +78,11 @@ def peek_columns(path: Path) -> set[str] | None:
     return None
 
 
-def _model_is_causal_lm(model_path: str) -> bool | None:
+def _model_architectures(model_path: str) -> list[str]:
     config = Path(model_path) / "config.json"
     if not config.is_file():
-        return None
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    if not architectures:
-        return None
-    return any(a.endswith("ForCausalLM") for a in architectures)
+        return []
+    return list(json.loads(config.read_text()).get("architectures") or [])
 
 
 def infer_task(data: str | None, train: str | None, model_path: str, label_field: str = "label") -> str:
@@ -84,6 +90,10 @@ def infer_task(data: str | None, train: str | None, model_path: str, label_field
     path = _first_file(data, train)
     columns = peek_columns(path) if path is not None else None
     if columns:
+        if {"question", "context", "answers"} <= columns:
+            return "qa"
+        if any(set(pair) <= columns for pair in SEQ2SEQ_COLUMNS):
+            return "seq2seq"
         if label_field in columns:
             return "classification"
         try:
@@ -91,9 +101,13 @@ def infer_task(data: str | None, train: str | None, model_path: str, label_field
             return "causal-lm"
         except DataError:
             pass
-    causal = _model_is_causal_lm(model_path)
-    if causal:
+    architectures = _model_architectures(model_path)
+    if any(a.endswith("ForCausalLM") for a in architectures):
         return "causal-lm"
+    if any(a.endswith("ForQuestionAnswering") for a in architectures):
+        return "qa"
+    if any(a.endswith("ForConditionalGeneration") for a in architectures):
+        return "seq2seq"
     return "classification"
 
 
@@ -101,6 +115,8 @@ __all__ = [
     "TASKS",
     "CausalLMTask",
     "ClassificationTask",
+    "QuestionAnsweringTask",
+    "Seq2SeqTask",
     "Task",
     "TaskData",
     "get_task",

@@ -19,6 +19,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainConfig
 
 
+class Rows(torch.utils.data.Dataset):
+    """Encoded rows (dicts of token lists) as a data set; ``targets`` optionally holds per-row reference texts."""
+
+    def __init__(self, rows: list[dict[str, Any]], targets: list[str] | None = None):
+        self.rows = rows
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
 @dataclass
 class TaskData:
     """The loaders of one run and what the task learned about the data (labels, format, ...)."""
