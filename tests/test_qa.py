@@ -184,9 +184,8 @@ def qa_folder(tmp_path):
     return tmp_path
 
 
-def test_apt_prunes_a_qa_model_and_the_saved_model_scores_the_same(qa_folder):
+def test_apt_prunes_a_qa_model_and_the_saved_model_scores_the_same(qa_folder, capsys):
     from aptune.compact import load_pruned
-    from aptune.tasks.qa import qa_scores
 
     out = qa_folder / "run"
     argv = ["train", "--model", str(qa_folder / "model"), "--data", str(qa_folder), "--output", str(out)]
@@ -221,27 +220,14 @@ def test_apt_prunes_a_qa_model_and_the_saved_model_scores_the_same(qa_folder):
     info = report["metrics"]["qa_data"]
     assert info["windows"]["train"] >= 96 and info["doc_stride"] == 8
 
-    # the saved (compacted) model gives the test F1 the run reported
-    model = load_pruned(out / "model")
-    assert type(model).__name__ == "BertForQuestionAnswering"
-    tok = (
-        BertTokenizerFast.from_pretrained(out / "model")
-        if (out / "model" / "tokenizer.json").exists()
-        else None
-    )
-    tok = tok or BertTokenizerFast.from_pretrained(qa_folder / "model")
-    from transformers import DataCollatorWithPadding
-
-    from aptune.data import make_dataloader
-    from aptune.tasks.qa import QAWindowsDataset
-
-    test = load_qa_splits(train=qa_folder / "test.jsonl").splits["train"]
-    loader = make_dataloader(
-        QAWindowsDataset(encode_qa_eval(tok, test, 24, 8)), 32, collate_fn=DataCollatorWithPadding(tok)
-    )
-    assert qa_scores(model, loader, None, False)["f1"] == pytest.approx(
-        report["metrics"]["test_f1"], abs=1e-6
-    )
+    # the saved (compacted) model, scored by `aptune eval`, gives the test F1 and exact match the run reported
+    assert type(load_pruned(out / "model")).__name__ == "BertForQuestionAnswering"
+    capsys.readouterr()
+    argv = ["eval", str(out / "model"), "--data", str(qa_folder / "test.jsonl"), "--max-length", "24"]
+    assert main([*argv, "--stride", "8", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)["results"][str(qa_folder / "test.jsonl")]
+    assert scores["f1"] == pytest.approx(report["metrics"]["test_f1"], abs=1e-6)
+    assert scores["exact_match"] == pytest.approx(report["metrics"]["test_exact_match"], abs=1e-6)
 
 
 def test_bad_qa_input_is_one_line_before_training(qa_folder, capsys):

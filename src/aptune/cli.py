@@ -103,8 +103,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _eval_files(paths: Sequence[str]) -> list[tuple[str, Path]]:
-    """(kind, file) for each ``--data`` path: "text" (perplexity), "mc" (multiple choice) or "classification".
+    """(kind, file) for each ``--data`` path: "text" (perplexity), "mc" (multiple choice), "classification",
+    "qa" (SQuAD rows: exact match and F1) or "seq2seq" (source/target rows: ROUGE).
     A folder stands for its test split (or its validation split when it has no test split)."""
+    from .data.seq2seq import SEQ2SEQ_COLUMNS
     from .tasks import peek_columns
 
     out = []
@@ -121,6 +123,10 @@ def _eval_files(paths: Sequence[str]) -> list[tuple[str, Path]]:
         columns = peek_columns(path) or set()
         if {"question", "choices", "answer"} <= columns:
             out.append(("mc", path))
+        elif {"question", "context", "answers"} <= columns:
+            out.append(("qa", path))
+        elif any(set(pair) <= columns for pair in SEQ2SEQ_COLUMNS):
+            out.append(("seq2seq", path))
         elif "label" in columns:
             out.append(("classification", path))
         elif "text" in columns:
@@ -128,9 +134,54 @@ def _eval_files(paths: Sequence[str]) -> list[tuple[str, Path]]:
         else:
             raise ConfigError(
                 f"{path}: cannot tell what to evaluate from its columns ({', '.join(sorted(columns))}); "
-                "expected text (perplexity), question/choices/answer (multiple choice) or text/label"
+                "expected text (perplexity), question/choices/answer (multiple choice), text/label, "
+                "question/context/answers (QA) or source/target (seq2seq)"
             )
     return out
+
+
+def _eval_task_file(
+    kind: str, path: Path, model: Any, tokenizer: Any, device: Any, args: argparse.Namespace
+) -> dict:
+    """SQuAD exact match and F1 (``kind`` "qa") or ROUGE (``kind`` "seq2seq") of ``model`` on one file, scored as
+    the training tasks score their test split (:mod:`aptune.tasks.qa`, :mod:`aptune.tasks.seq2seq`)."""
+    from .data import make_dataloader
+    from .tasks.base import Rows
+
+    name = type(model).__name__
+    if kind == "qa":
+        from transformers import DataCollatorWithPadding
+
+        from .data.qa import encode_qa_eval, load_qa_splits
+        from .tasks.qa import QAWindowsDataset, qa_scores
+
+        if not name.endswith("ForQuestionAnswering"):
+            raise ConfigError(f"{path} is extractive QA data but {name} is not a question-answering model")
+        data = load_qa_splits(train=path)
+        rows = data.splits["train"]
+        if args.limit is not None:
+            rows = rows.select(range(min(args.limit, len(rows))))
+        length = min(args.max_length, getattr(model.config, "max_position_embeddings", args.max_length))
+        windows = encode_qa_eval(tokenizer, rows, length, args.stride if args.stride is not None else 128)
+        loader = make_dataloader(
+            QAWindowsDataset(windows), args.batch_size, collate_fn=DataCollatorWithPadding(tokenizer)
+        )
+        return qa_scores(model, loader, device, data.allow_no_answer)
+    from transformers import DataCollatorForSeq2Seq
+
+    from .data.seq2seq import encode_seq2seq, load_seq2seq_splits, rouge
+    from .tasks.seq2seq import generate_texts
+
+    if not getattr(model.config, "is_encoder_decoder", False):
+        raise ConfigError(f"{path} is seq2seq data but {name} is not an encoder-decoder model")
+    rows = load_seq2seq_splits(train=path).splits["train"]
+    if args.limit is not None:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    encoded = encode_seq2seq(tokenizer, rows, args.max_length, args.max_new_tokens)
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    loader = make_dataloader(Rows(encoded), args.batch_size, collate_fn=collate)
+    texts = generate_texts(model, loader, tokenizer, args.max_new_tokens, device)
+    return {**rouge(texts, list(rows["target"])), "rows": len(texts)}
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -162,6 +213,9 @@ def _eval(args: argparse.Namespace) -> int:
                 encoded, args.batch_size, collate_fn=PaddingCollator.from_tokenizer(tokenizer)
             )
             results["results"][str(path)] = {"accuracy": accuracy(model, loader, device)}
+            continue
+        if kind in ("qa", "seq2seq"):
+            results["results"][str(path)] = _eval_task_file(kind, path, model, tokenizer, device, args)
             continue
         if not type(model).__name__.endswith("ForCausalLM"):
             raise ConfigError(f"{path} needs a causal language model, got {type(model).__name__}")
@@ -209,6 +263,14 @@ def _eval(args: argparse.Namespace) -> int:
             )
         elif "accuracy" in entry:
             print(f"{name}: accuracy {entry['accuracy']:.4f}")
+        elif "f1" in entry:
+            print(
+                f"{name}: F1 {entry['f1']:.2f}, exact match {entry['exact_match']:.2f} ({entry['questions']} questions)"
+            )
+        elif "rougeL" in entry:
+            print(
+                f"{name}: ROUGE-1 {entry['rouge1']:.2f}, ROUGE-2 {entry['rouge2']:.2f}, ROUGE-L {entry['rougeL']:.2f}"
+            )
         else:
             m = entry["multiple_choice"]
             line = (
@@ -461,9 +523,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length",
         type=int,
         default=1024,
-        help="perplexity window; multiple-choice context (default 1024)",
+        help="perplexity window; multiple-choice context; QA window (at most the model's positions); seq2seq "
+        "source length (default 1024)",
     )
-    ev.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the window)")
+    ev.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="perplexity stride (default: the window); QA: tokens shared by a long context's windows (default 128)",
+    )
+    ev.add_argument(
+        "--max-new-tokens", type=int, default=128, help="seq2seq: tokens generated per row (default 128)"
+    )
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--limit", type=int, default=None, help="rows per file (default: all)")
     ev.add_argument(

@@ -97,6 +97,9 @@ def summarize_report(report: Mapping[str, Any]) -> dict[str, Any]:
     }
     if report.get("task") == "causal-lm":
         summary.update(summarize_lm_report(report))
+    if report.get("task") == "qa":  # test_at_best is the F1; exact match too
+        summary["test_exact_match"] = metrics.get("test_exact_match")
+    summary["validation_metric"] = metrics.get("validation_metric")
     return summary
 
 

@@ -99,6 +99,15 @@ def _data_text(config: Mapping[str, Any]) -> str:
     )
 
 
+def _metric_text(methods: Mapping[str, Mapping[str, Any]]) -> str:
+    """ ", validation and test metric: f1 (test exact match in results.json)" when it is not accuracy."""
+    metric = next((e.get("validation_metric") for e in methods.values() if e.get("validation_metric")), None)
+    if metric in (None, "accuracy"):
+        return ""
+    extra = " (test exact match in results.json)" if metric == "f1" else ""
+    return f"; validation and test metric: {metric}{extra}"
+
+
 def _schedule(config: Mapping[str, Any]) -> str:
     return f"{config['max_steps']} steps" if config.get("max_steps") else f"{config['epochs']:g} epochs"
 
@@ -132,7 +141,8 @@ def markdown(results: Mapping[str, Any]) -> str:
         "",
         f"Model `{results.get('model_path') or config.get('model') or 'all-MiniLM-L6-v2'}`, data `{data}`, "
         f"seed {config['seed']}, {schedule}, batch {config['batch_size']}, max length {config['max_length']}, "
-        f"{config['evals_per_epoch']} evaluations per epoch, target density {config['target_density']}.",
+        f"{config['evals_per_epoch']} evaluations per epoch, target density {config['target_density']}"
+        f"{_metric_text(methods)}.",
         "",
         "| " + " | ".join(columns(results)) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",

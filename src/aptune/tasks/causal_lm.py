@@ -4,9 +4,9 @@
 The validation metric is the token-weighted perplexity of the validation split's labelled tokens (lower is
 better). The final model is also scored on held-out text with sliding windows (:func:`aptune.evaluate.perplexity`;
 window = ``max_length``, stride = ``eval_stride``) and, when ``eval_mc`` names files, on multiple choice by
-log-likelihood (:func:`aptune.evaluate.multiple_choice`). Speed: prefill (one forward of batch 8 x 256) and
-decoding (64 new tokens at batch 8 from a 16-token prompt), compacted against dense,
-timed alternately.
+log-likelihood (:func:`aptune.evaluate.multiple_choice`). Speed: prefill (one forward of batch 8 x 256, logits of
+the last position only, as a serving runtime computes them) and decoding (64 new tokens at batch 8 from a 16-token
+prompt), compacted against dense, timed alternately.
 """
 
 from __future__ import annotations
@@ -157,8 +157,14 @@ class CausalLMTask(Task):
         with quiet_transformers():
             dense = load_causal_lm(dense_path)
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+        def prefill_call(m: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+            # what a serving runtime computes for a prompt: every layer over every position, and the logits of
+            # the last position only (the next token's); the full-vocabulary head at every position is training's
+            return m(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+
         prefill = compare_throughput(
-            dense, model, PREFILL_BATCH, PREFILL_LENGTH, warmup=2, runs=8, device=device
+            dense, model, PREFILL_BATCH, PREFILL_LENGTH, warmup=2, runs=8, device=device, call=prefill_call
         )
 
         def decode(m: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Any:

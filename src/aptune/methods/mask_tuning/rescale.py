@@ -53,7 +53,9 @@ def _capture(model: nn.Module, module: nn.Module, batch: dict[str, Tensor], outp
 
     handle = module.register_forward_hook(post) if output else module.register_forward_pre_hook(pre)
     try:
-        model(**{k: v for k, v in batch.items() if k != "labels"})
+        # an encoder-decoder builds its decoder inputs from the labels; other models need no labels here
+        seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        model(**(batch if seq2seq else {k: v for k, v in batch.items() if k != "labels"}))
     except _Stop:
         pass
     finally:
@@ -64,8 +66,12 @@ def _capture(model: nn.Module, module: nn.Module, batch: dict[str, Tensor], outp
 
 
 def _tokens(x: Tensor, batch: dict[str, Tensor]) -> Tensor:
-    """The rows of ``x`` (batch, length, width) at real (not padding) tokens, as float32."""
+    """The rows of ``x`` (batch, length, width) at real (not padding) tokens, as float32: by the attention mask,
+    or, for an encoder-decoder's decoder sublayers (whose length is the target's), by the labelled targets."""
     keep = batch.get("attention_mask")
+    if keep is not None and keep.shape[:2] != x.shape[:2]:
+        labels = batch.get("labels")
+        keep = labels != -100 if labels is not None and labels.shape[:2] == x.shape[:2] else None
     rows = x[keep.bool()] if keep is not None else x.reshape(-1, x.shape[-1])
     return rows.float()
 
