@@ -68,8 +68,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     # MiniLM on SQuAD v1.1 (shared/data/squad: 8,510 / 812 / 1,243 questions, 9,674 training windows of at most
-    # 256 tokens with a 128-token stride) at density 0.4 and 0.6 against full fine-tuning, on 2 CPU cores. Full
-    # fine-tuning takes about 3 s a step at batch 32 there; one epoch is 303 steps.
+    # 256 tokens with a 128-token stride) at density 0.4 and 0.6 against full fine-tuning, on 2 CPU cores. One epoch
+    # is 303 steps; measured there (benchmarks/results/bench-cpu-qa): full fine-tuning about 5 s a step, APT about
+    # 2 s once pruned, the whole preset about 2.5 hours.
     "cpu-qa": {
         "task": "qa",
         "model": "",
