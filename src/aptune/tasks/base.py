@@ -19,6 +19,32 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainConfig
 
 
+def load_pretrained(auto_class: str, source: str, what: str, **kwargs: Any) -> nn.Module:
+    """``transformers.<auto_class>.from_pretrained(source, **kwargs)``; a model that does not load is a one-line
+    FileNotFoundError naming ``what`` (a causal LM, a question-answering model, ...)."""
+    import transformers
+
+    try:
+        return getattr(transformers, auto_class).from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load {what} from {source!r}: {str(e).splitlines()[0]}") from None
+
+
+def training_loaders(dataset: Any, config: TrainConfig, collate: Any) -> dict[str, Any]:
+    """The ``train`` loader and the ``calibration`` loader (the same rows in a separate shuffle, for the methods
+    that calibrate on training batches, so the training order stays as it is)."""
+    from ..data import make_dataloader
+
+    return {
+        "train": make_dataloader(
+            dataset, config.batch_size, shuffle=True, seed=config.seed, collate_fn=collate
+        ),
+        "calibration": make_dataloader(
+            dataset, config.batch_size, shuffle=True, seed=config.seed + 1, collate_fn=collate
+        ),
+    }
+
+
 class Rows(torch.utils.data.Dataset):
     """Encoded rows (dicts of token lists) as a data set; ``targets`` optionally holds per-row reference texts."""
 

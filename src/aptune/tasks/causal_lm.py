@@ -20,7 +20,7 @@ from torch import nn
 from .. import distributed
 from ..config import ConfigError
 from ..evaluate import compare_throughput, quiet_transformers
-from .base import Task, TaskData
+from .base import Task, TaskData, load_pretrained
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainConfig
@@ -30,14 +30,7 @@ DECODE_BATCH, DECODE_PROMPT, DECODE_TOKENS = 8, 16, 64
 
 
 def load_causal_lm(source: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"could not load a causal LM from {source!r}: {str(e).splitlines()[0]}"
-        ) from None
+    return load_pretrained("AutoModelForCausalLM", source, "a causal LM", dtype=dtype)
 
 
 @torch.no_grad()

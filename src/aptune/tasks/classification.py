@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..evaluate import accuracy, compare_throughput, quiet_transformers
-from .base import Task, TaskData
+from .base import Task, TaskData, training_loaders
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainConfig
@@ -54,15 +54,7 @@ class ClassificationTask(Task):
             raise ConfigError("a validation split is needed for evaluation and checkpoint selection")
         encoded = encode_splits(tokenizer, data, max_length=config.max_length)
         collate = PaddingCollator.from_tokenizer(tokenizer)
-        loaders = {
-            "train": make_dataloader(
-                encoded["train"], config.batch_size, shuffle=True, seed=config.seed, collate_fn=collate
-            ),
-            # a separate shuffle for the methods that calibrate on training batches: the training order stays
-            "calibration": make_dataloader(
-                encoded["train"], config.batch_size, shuffle=True, seed=config.seed + 1, collate_fn=collate
-            ),
-        }
+        loaders = training_loaders(encoded["train"], config, collate)
         for split in ("validation", "test"):
             if split in encoded:
                 loaders[split] = make_dataloader(encoded[split], config.eval_batch_size, collate_fn=collate)

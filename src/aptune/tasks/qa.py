@@ -19,7 +19,7 @@ from torch import nn
 from .. import distributed
 from ..config import ConfigError
 from ..evaluate import compare_throughput, quiet_transformers
-from .base import Rows, Task, TaskData
+from .base import Rows, Task, TaskData, load_pretrained, training_loaders
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..data.qa import QAEvalWindows
@@ -27,14 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def load_qa_model(source: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import AutoModelForQuestionAnswering
-
-    try:
-        return AutoModelForQuestionAnswering.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"could not load a question-answering model from {source!r}: {str(e).splitlines()[0]}"
-        ) from None
+    return load_pretrained("AutoModelForQuestionAnswering", source, "a question-answering model", dtype=dtype)
 
 
 class QAWindowsDataset(torch.utils.data.Dataset):
@@ -112,14 +105,7 @@ class QuestionAnsweringTask(Task):
         stride = config.doc_stride
         train = Rows(encode_qa_train(tokenizer, data.splits["train"], config.max_length, stride))
         collate = DataCollatorWithPadding(tokenizer)
-        loaders = {
-            "train": make_dataloader(
-                train, config.batch_size, shuffle=True, seed=config.seed, collate_fn=collate
-            ),
-            "calibration": make_dataloader(
-                train, config.batch_size, shuffle=True, seed=config.seed + 1, collate_fn=collate
-            ),
-        }
+        loaders = training_loaders(train, config, collate)
         windows = {"train": len(train)}
         for split in ("validation", "test"):
             if split in data.splits:

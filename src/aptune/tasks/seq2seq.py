@@ -18,7 +18,7 @@ from torch import nn
 from .. import distributed
 from ..config import ConfigError
 from ..evaluate import compare_throughput, quiet_transformers
-from .base import Rows, Task, TaskData
+from .base import Rows, Task, TaskData, load_pretrained, training_loaders
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainConfig
@@ -49,15 +49,8 @@ def check_encoder_decoder(source: str) -> None:
 
 
 def load_seq2seq_model(source: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import AutoModelForSeq2SeqLM
-
     check_encoder_decoder(source)
-    try:
-        return AutoModelForSeq2SeqLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"could not load a seq2seq model from {source!r}: {str(e).splitlines()[0]}"
-        ) from None
+    return load_pretrained("AutoModelForSeq2SeqLM", source, "a seq2seq model", dtype=dtype)
 
 
 @torch.no_grad()
@@ -128,14 +121,7 @@ class Seq2SeqTask(Task):
             )
 
         train = Rows(encode("train"))
-        loaders = {
-            "train": make_dataloader(
-                train, config.batch_size, shuffle=True, seed=config.seed, collate_fn=collate
-            ),
-            "calibration": make_dataloader(
-                train, config.batch_size, shuffle=True, seed=config.seed + 1, collate_fn=collate
-            ),
-        }
+        loaders = training_loaders(train, config, collate)
         for split in ("validation", "test"):
             if split in data.splits:
                 rows = Rows(encode(split), list(data.splits[split]["target"]))
