@@ -312,16 +312,18 @@ def save_checkpoint(
     trainer: dict,
     keep: int,
     rng: list[dict[str, Any]] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and keep the ``keep`` newest. ``method`` is the run's
     :class:`aptune.methods.Method`; ``trainer`` the loop's own state; ``rng`` the global random generators'
-    states of every process, in process order (default: this process's)."""
+    states of every process, in process order (default: this process's); ``model_state`` the model's whole
+    weights when ``method.model`` is sharded (:func:`aptune.sharding.full_state_dict`)."""
     from .compact import shape_and_ranks
 
     path = checkpoint_dir(output_dir, step)
     with atomic_folder(path) as tmp:
         write_state(tmp, "structure", shape_and_ranks(method.model))
-        write_state(tmp, "model", method.model.state_dict())
+        write_state(tmp, "model", method.model.state_dict() if model_state is None else model_state)
         write_state(tmp, "method", method.state_dict())
         write_state(tmp, "optimizer", optimizer_state(optimizer))
         rng = rng if rng is not None else [rng_state()]
@@ -330,10 +332,12 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The parts of a checkpoint written by :func:`save_checkpoint` (tensors on the CPU)."""
+def load_checkpoint(path: str | Path, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The parts of a checkpoint written by :func:`save_checkpoint` (tensors on the CPU), except those in
+    ``skip`` (a sharded run's processes other than 0 skip ``"model"``)."""
     path = Path(path)
-    return {name: read_state(path, name) for name in ("trainer", "structure", "model", "method", "optimizer")}
+    parts = ("trainer", "structure", "model", "method", "optimizer")
+    return {name: read_state(path, name) for name in parts if name not in skip}
 
 
 __all__ = [

@@ -52,8 +52,17 @@ from .tuner import adapter_params, grow_ranks, importance_of
 class APTController:
     """Adaptive pruning and tuning of one model. See the module docstring for the call order."""
 
-    def __init__(self, model: nn.Module, config: APTConfig, total_steps: int, steps_per_epoch: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: APTConfig,
+        total_steps: int,
+        steps_per_epoch: int,
+        remove_during_training: bool = True,
+    ):
         self.model = model
+        # False on a sharded model (aptune.sharding): pruned blocks stay masked until finish() compacts them
+        self.remove_during_training = remove_during_training
         self.config = config.resolve(
             total_steps,
             steps_per_epoch,
@@ -219,7 +228,12 @@ class APTController:
         n = rows = 0  # this process's scoring passes and rows
         processes = distributed.world_size()
         split, me = (processes, distributed.rank()) if same_everywhere else (1, 0)
-        for i, batch in enumerate(_micro_batches(batches, c.one_shot_micro_batch)):
+        passes: Iterable[dict[str, Tensor]] = _micro_batches(batches, c.one_shot_micro_batch)
+        # a sharded model's forward is a collective (aptune.sharding): every process must run as many passes
+        lockstep = distributed.lockstep()
+        if lockstep:
+            passes = list(passes)
+        for i, batch in enumerate(passes):
             if i % split != me:
                 continue
             n += 1
@@ -244,8 +258,15 @@ class APTController:
                 torch._foreach_add_(total.tensors(), current.tensors())
             for p in trainable:
                 p.grad = None
+        if lockstep:  # a share that came out short: passes that score nothing keep the collectives paired
+            for _ in range(-(-len(passes) // split) - n):
+                self.model(**passes[0]).loss.mul(0).backward()
+                for p in trainable:
+                    p.grad = None
         if processes > 1:
-            n, rows = (int(x) for x in distributed.sum_over_processes([n, rows]))
+            counts = torch.tensor([n, rows], dtype=torch.float64)
+            distributed.all_reduce_([counts], "sum")
+            n, rows = (int(x) for x in counts.tolist())
             if total is None:  # fewer passes than processes: this one scored nothing
                 total = BlockScores.zeros(describe(self.model), device=next(self.model.parameters()).device)
             distributed.all_reduce_(total.tensors(), "sum")
@@ -265,12 +286,12 @@ class APTController:
         for i, keep in enumerate(sel.neurons):
             self.masks.set_neurons(i, keep.to(self.masks.neurons[i]))
         self.masks.set_hidden(sel.hidden.to(self.masks.hidden))
-        if self._has_pruned_blocks():
+        if self.remove_during_training and self._has_pruned_blocks():
             self.prune_physically()
         if not self.prunes_in_training:
             self.scores = None  # nothing more to select: the moving averages are not kept
         self.calibrated = True
-        plan = StructureShape.of(describe(self.model)).plan_dict()
+        plan = self.live_shape().plan_dict()  # the kept blocks, whether removed or (sharded) still masked
         summary = {
             "step": 0,
             "scoring_passes": n,
@@ -401,7 +422,9 @@ class APTController:
 
     def _checkpoint(self) -> bool:
         changed = False
-        if self.distiller is None or not self.distiller.has_teacher or self.distiller.separate:
+        if not self.remove_during_training:
+            pass  # a sharded model: the blocks stay masked to the end
+        elif self.distiller is None or not self.distiller.has_teacher or self.distiller.separate:
             if self._has_pruned_blocks():
                 self.prune_physically()
                 changed = True
@@ -513,18 +536,21 @@ class APTController:
         release_memory()
 
     # -- reporting and state -----------------------------------------------------------------------------
-    def density(self) -> float:
-        """Density of the live structure, counting masked-out blocks as removed."""
+    def live_shape(self) -> StructureShape:
+        """The structure's shape, counting masked-out blocks as removed."""
         shape = StructureShape.of(describe(self.model))
         heads = [int((m > 0).sum()) for m in self.masks.heads]
         neurons = [int((m > 0).sum()) for m in self.masks.neurons]
         hidden = int((self.masks.hidden > 0).sum())
-        masked = StructureShape(
+        return StructureShape(
             hidden,
             tuple(a.with_units(h) for a, h in zip(shape.attention, heads, strict=True)),
             tuple(replace(f, neurons=n) for f, n in zip(shape.ffn, neurons, strict=True)),
         )
-        return count_prunable(masked) / self.base_params
+
+    def density(self) -> float:
+        """Density of the live structure, counting masked-out blocks as removed."""
+        return count_prunable(self.live_shape()) / self.base_params
 
     def finish(self) -> nn.Module:
         """Remove hooks; compact whatever binary masks are left; return the model (adapters still attached)."""

@@ -20,6 +20,23 @@ from torch import Tensor
 
 T = TypeVar("T")
 
+_LOCKSTEP = False
+
+
+def set_lockstep(on: bool) -> None:
+    """Every process runs every evaluation pass (``on``), instead of its share of them.
+
+    A sharded model's forward is a collective call (:mod:`aptune.sharding`): processes that ran different
+    numbers of passes would wait for each other forever. In lockstep :func:`my_share` yields every item,
+    :func:`sum_over_processes` and :func:`gather_shares` return this process's own (already whole) results.
+    """
+    global _LOCKSTEP
+    _LOCKSTEP = bool(on)
+
+
+def lockstep() -> bool:
+    return _LOCKSTEP and world_size() > 1
+
 
 def world_size() -> int:
     dist = torch.distributed
@@ -99,16 +116,26 @@ def all_gather_objects(value: Any) -> list[Any]:
 
 
 def my_share(items: Iterable[T]) -> Iterator[T]:
-    """Items ``rank, rank + N, rank + 2N, ...`` of ``items``: this process's share of an evaluation."""
-    n, me = world_size(), rank()
+    """Items ``rank, rank + N, rank + 2N, ...`` of ``items``: this process's share of an evaluation (every
+    item in :func:`lockstep`)."""
+    n, me = (1, 0) if lockstep() else (world_size(), rank())
     for i, item in enumerate(items):
         if i % n == me:
             yield item
 
 
+def gather_shares(mine: list[T]) -> list[T]:
+    """The items every process got from its :func:`my_share`, concatenated (``mine`` in one process or in
+    :func:`lockstep`)."""
+    if world_size() == 1 or lockstep():
+        return list(mine)
+    return [item for part in all_gather_objects(mine) for item in part]
+
+
 def sum_over_processes(values: Sequence[float]) -> list[float]:
-    """Each of ``values`` summed over processes (float64)."""
-    if world_size() == 1:
+    """Each of ``values`` summed over processes (float64); unchanged in :func:`lockstep`, where every process
+    computed the whole sums."""
+    if world_size() == 1 or lockstep():
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     all_reduce_([t], "sum")
@@ -130,10 +157,13 @@ __all__ = [
     "barrier",
     "broadcast_",
     "broadcast_float",
+    "gather_shares",
     "is_main",
     "launched_processes",
+    "lockstep",
     "my_share",
     "rank",
+    "set_lockstep",
     "sum_over_processes",
     "world_size",
 ]

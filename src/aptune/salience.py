@@ -270,15 +270,14 @@ class SalienceCollector:
             w = self._weights(x)
             dims = tuple(range(x.dim() - 1))
             h = x.detach()
-            a = h.abs() if w is None else h.abs() * w
-            acc.add("act", a.sum(dims, dtype=torch.float32))
+            acc.add("act", _abs_sum(h, dims, w))
             if keep_total:
                 acc.add("total", (h if w is None else h * w).sum(dims, dtype=torch.float32))
 
             def on_grad(g: Tensor) -> None:
                 # no mask needed: padding positions get no gradient (no real token attends to them, and
                 # their outputs feed no loss)
-                acc.add("grad", g.abs().sum(dims, dtype=torch.float32))
+                acc.add("grad", _abs_sum(g, dims))
 
             x.register_hook(on_grad)
             return None
@@ -376,6 +375,18 @@ class SalienceCollector:
             if proj is not None:
                 return proj.weight.device
         return torch.device("cpu")
+
+
+def _abs_sum(x: Tensor, dims: tuple[int, ...], weights: Tensor | None = None) -> Tensor:
+    """``sum(|x| * weights)`` over ``dims``, in fp32, with as few ``x``-sized temporaries as possible: none for
+    an unweighted fp32 ``x`` (a 1-norm reduction), else one. Each temporary is a block of the largest size the
+    step allocates, and on the CPU short-lived blocks between the step's saved activations fragment the heap."""
+    if weights is None and x.dtype == torch.float32:
+        return torch.linalg.vector_norm(x, 1, dims)
+    a = x.abs()
+    if weights is not None:
+        a.mul_(weights)
+    return a.sum(dims, dtype=torch.float32)
 
 
 def _recomputing() -> bool:

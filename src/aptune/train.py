@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .arch import describe
 from .budget import param_report
 from .checkpoint import (
     atomic_folder,
@@ -42,9 +43,10 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .compact import load_state_strictly, save_pruned
+from .compact import load_state_strictly, save_pruned, shape_and_ranks
 from .config import ADAPTER_ROLES, APTConfig, ConfigError
 from .methods import BaselineConfig, build_method, check_supported, lr_factor, method_info, method_names
+from .sharding import check_sharded, full_state_dict, load_full_state_dict, local_numel, shard_model
 from .tasks import TaskData
 from .tasks.classification import compare_speed, load_classifier  # noqa: F401  (re-exported: aptune.train API)
 
@@ -95,6 +97,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # "no" or "bf16"
     cpu: bool = False  # force CPU even when a GPU is present
+    fsdp: bool = False  # shard the frozen weights over the processes (FSDP2; apt and lora)
     measure_speed: bool = True  # time dense vs final model at inference after training
     progress: bool = True
     save_every: int | None = None  # write a resumable checkpoint every N optimizer steps
@@ -220,11 +223,41 @@ def prepare(config: TrainConfig) -> Prepared:
     task = resolve_task(config, model_path)
     tokenizer = load_tokenizer(config.tokenizer or model_path)
     data = task.load_data(config, tokenizer)
+    if sharded_launch(config) and os.environ.get("RANK", "0") != "0":
+        # a sharded run: process 0 alone reads the weights; the others build the model empty once it has
+        # loaded (train(), _empty_copy_of_process_0) and receive their shards from it
+        return Prepared(None, tokenizer, data.loaders, model_path, task, data)
     model = task.load_model(model_path, data)
     check_supported(config.method, get_spec(model).family)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Prepared(model, tokenizer, data.loaders, model_path, task, data)
+
+
+def sharded_launch(config: TrainConfig) -> bool:
+    """``--fsdp``, or a launch with Accelerate's FSDP (``accelerate launch --use_fsdp``)."""
+    return config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def _empty_copy_of_process_0(model: nn.Module | None, config: TrainConfig) -> nn.Module:
+    """Process 0's model class and config on every process; elsewhere the model is built on the meta device
+    (no memory), to be given its shards by process 0 (:func:`aptune.sharding.load_full_state_dict`)."""
+    import transformers
+
+    from .arch import class_name
+
+    shared = distributed.all_gather_objects(
+        (class_name(model), model.config.to_dict()) if model is not None else None
+    )[0]
+    if model is not None:
+        return model
+    name, values = shared
+    cls = getattr(transformers, name)
+    with torch.device("meta"):
+        empty = cls(cls.config_class.from_dict(values))
+    if config.gradient_checkpointing:
+        empty.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return empty
 
 
 def _accelerator(config: TrainConfig):
@@ -239,15 +272,16 @@ def _accelerator(config: TrainConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
 
 
-def check_parallelism(accelerator) -> None:
-    """Data parallelism only: pruning removes rows and columns of whole weight matrices, which a sharded model
-    (FSDP, DeepSpeed ZeRO-3, Megatron) does not hold on any one process."""
+def check_parallelism(accelerator, fsdp: bool = False) -> bool:
+    """Whether this run shards the model (``--fsdp``, or ``accelerate launch --use_fsdp``; :mod:`aptune.sharding`).
+    DeepSpeed and Megatron launches stop with one line: aptune shards with FSDP2 itself."""
     kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(
-            f"aptune train does not support {kind} yet: physical removal of pruned blocks needs each process to "
-            "hold whole weight matrices; launch data-parallel processes instead (accelerate launch --multi_gpu)"
+            f"aptune train does not support {kind}: to shard the frozen weights use --fsdp (FSDP2; "
+            "accelerate launch --use_fsdp), or launch data-parallel processes (accelerate launch --multi_gpu)"
         )
+    return fsdp or kind == "FSDP"
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -422,12 +456,18 @@ def train(
 
     apt = apt or APTConfig()
     baseline = baseline or BaselineConfig()
+    if sharded_launch(config):  # before anything loads: a sharded run aptune cannot do fails fast
+        check_sharded(
+            config.method, method_info(config.method).sharded, apt, distributed.launched_processes()
+        )
     set_seed(config.seed)
     out = Path(config.output_dir)
     saved = None
     if config.resume:
         source = resume_source(config, apt, baseline)
-        saved = load_checkpoint(source)
+        # sharded: the weights reach the other processes from process 0, which alone reads them
+        skip = ("model",) if sharded_launch(config) and os.environ.get("RANK", "0") != "0" else ()
+        saved = load_checkpoint(source, skip=skip)
     prepared = prepared or prepare(config)
     model, loaders = prepared.model, prepared.loaders
     task = prepared.task or resolve_task(config, prepared.model_path)
@@ -435,8 +475,12 @@ def train(
     accelerator = _accelerator(config)
     device = accelerator.device
     processes, main_process = accelerator.num_processes, accelerator.is_main_process
-    check_parallelism(accelerator)
-    model.to(device)
+    sharded = check_parallelism(accelerator, config.fsdp)
+    if sharded:
+        check_sharded(config.method, method_info(config.method).sharded, apt, processes)
+        model = _empty_copy_of_process_0(model, config)
+    else:
+        model.to(device)  # a sharded model is moved by FSDP, a shard at a time
     out.mkdir(parents=True, exist_ok=True)
 
     accumulate = config.gradient_accumulation_steps
@@ -456,18 +500,19 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()  # building a method may already prune (one-shot APT, llm-pruner): timed
+    if sharded:  # before the method attaches its adapters, which stay whole on every process
+        whole = model.state_dict() if main_process else {}
+        new_heads = [p for m in describe(model).new_heads.values() for p in m.parameters()]
+        shard_model(model, device, replicated=new_heads)
+        if not main_process:
+            model.to_empty(device=device)
+        load_full_state_dict(model, whole, "process 0's model", from_process_0=True)
+        distributed.broadcast_(list(model.buffers()))  # also those no state dict holds (rotary frequencies)
+        del whole
+        distributed.set_lockstep(True)  # every forward is a collective: every process runs every pass
     with accelerator.autocast():
-        method = build_method(
-            config.method,
-            model,
-            total_steps=length,
-            steps_per_epoch=steps_per_epoch,
-            apt=apt,
-            baseline=baseline,
-            lora_rank=config.lora_rank,
-            lora_targets=config.lora_targets,
-            calibration=calibration,
-            resuming=saved is not None,
+        method = _build(
+            config, apt, baseline, model, length, steps_per_epoch, calibration, saved is not None, sharded
         )
     model = method.model
     total = method.total_steps
@@ -485,7 +530,10 @@ def train(
     if saved is not None:
         method.restore(saved["structure"], saved["method"])
         model = method.model
-        load_state_strictly(model, saved["model"])
+        if sharded:
+            load_full_state_dict(model, saved.get("model", {}), str(source), from_process_0=True)
+        else:
+            load_state_strictly(model, saved["model"])
         optimizer = new_optimizer(method.trainable_parameters())
         load_optimizer_state(optimizer, saved["optimizer"])
         run = RunState.from_dict(saved["trainer"]["run"])
@@ -563,6 +611,7 @@ def train(
         if config.save_every and step % config.save_every == 0 and step < total:
             started = time.perf_counter()
             rng = distributed.all_gather_objects(rng_state())  # each process continues its own streams
+            whole = full_state_dict(model) if sharded else None  # a collective: process 0 gets the weights
             if main_process:
                 trainer = {
                     "run": run.to_dict(),
@@ -571,17 +620,32 @@ def train(
                 }
                 keep = config.keep_checkpoints
                 save_checkpoint(
-                    out, step, method=method, optimizer=optimizer, trainer=trainer, rng=rng, keep=keep
+                    out,
+                    step,
+                    method=method,
+                    optimizer=optimizer,
+                    trainer=trainer,
+                    rng=rng,
+                    keep=keep,
+                    model_state=whole,
                 )
+            del whole
             distributed.barrier()
             run.checkpoint_time_s += time.perf_counter() - started
     progress.close()
 
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     step, best, history = run.step, run.best, run.history
+    sharding_report = local_numel(model) if sharded else None
+    if sharded:  # process 0 continues on a whole copy; the others are done once the weights are gathered
+        method = _unsharded_copy(config, apt, baseline, prepared, task, data, method, length, steps_per_epoch)
+        if method is None:
+            distributed.barrier()
+            return {}
+        model = method.model  # on the CPU until it is compacted
     if run.best_state is not None:
         model.load_state_dict(run.best_state, strict=False)
-    model = method.finish()
+    model = method.finish().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     if config.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
@@ -617,6 +681,7 @@ def train(
         "peak_memory_mb": peak_memory,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         "processes": processes,  # peak memory and times are process 0's
+        "sharding": {"kind": "fsdp", "params_per_process": sharding_report} if sharded else None,
         "steps": step,
         "steps_per_epoch": steps_per_epoch,
         "final_structure_step": select_from,
@@ -633,6 +698,59 @@ def train(
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     distributed.barrier()
     return report
+
+
+def _build(
+    config: TrainConfig,
+    apt: APTConfig,
+    baseline: BaselineConfig,
+    model: nn.Module,
+    length: int,
+    steps_per_epoch: int,
+    calibration: Any,
+    resuming: bool,
+    sharded: bool = False,
+) -> Any:
+    """The run's method on ``model`` (:func:`aptune.methods.build_method` with the run's settings)."""
+    return build_method(
+        config.method,
+        model,
+        total_steps=length,
+        steps_per_epoch=steps_per_epoch,
+        apt=apt,
+        baseline=baseline,
+        lora_rank=config.lora_rank,
+        lora_targets=config.lora_targets,
+        calibration=calibration,
+        resuming=resuming,
+        sharded=sharded,
+    )
+
+
+def _unsharded_copy(
+    config: TrainConfig,
+    apt: APTConfig,
+    baseline: BaselineConfig,
+    prepared: Prepared,
+    task: Any,
+    data: Any,
+    method: Any,
+    length: int,
+    steps_per_epoch: int,
+) -> Any:
+    """The end of a sharded run: the whole weights gathered to process 0's CPU and loaded, with the method's
+    state, into a freshly built unsharded copy (the resume path), whose method process 0 returns; ``None``
+    on the other processes. Every process must call it."""
+    full = full_state_dict(method.model)
+    structure, state = shape_and_ranks(method.model), method.state_dict()
+    distributed.set_lockstep(False)
+    if not distributed.is_main():
+        return None
+    model = task.load_model(prepared.model_path, data)
+    fresh = _build(config, apt, baseline, model, length, steps_per_epoch, lambda: iter(()), resuming=True)
+    fresh.restore(structure, state)
+    load_state_strictly(fresh.model, full, "the gathered sharded model")
+    return fresh
 
 
 def environment(device) -> dict[str, Any]:
@@ -678,7 +796,7 @@ class _Progress:
     def note(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        else:
+        elif distributed.is_main():  # one copy of each line in a multi-process run
             print(text, flush=True)
 
     def close(self) -> None:

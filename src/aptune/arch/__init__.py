@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure, Part
+from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure, Part, class_name
 from .bert import BertSpec
 from .gemma import GemmaSpec
 from .llama import LlamaSpec
@@ -40,7 +40,7 @@ def get_spec(model: nn.Module) -> ArchSpec:
     """The spec for ``model``, or an :class:`UnsupportedModelError` that names the supported families."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    cls = type(model).__name__
+    cls = class_name(model)
     for spec in SPECS:
         if model_type in spec.model_types:
             if cls not in spec.model_classes:
@@ -67,4 +67,4 @@ def describe(model: nn.Module) -> ModelStructure:
 
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` is a causal language model (a ``...ForCausalLM`` class): the decoder recipe applies."""
-    return type(model).__name__.endswith("ForCausalLM")
+    return class_name(model).endswith("ForCausalLM")

@@ -25,6 +25,18 @@ from typing import Any, ClassVar, NamedTuple
 
 from torch import nn
 
+
+def class_name(model: nn.Module) -> str:
+    """The model's transformers class name, also under FSDP2, which swaps a sharded module's class for a
+    subclass named ``FSDP<Class>`` (:mod:`aptune.sharding`)."""
+    cls = type(model)
+    if cls.__name__.startswith("FSDP") and any(b.__name__ == "FSDPModule" for b in cls.__mro__):
+        cls = next(
+            b for b in cls.__mro__[1:] if b.__name__ != "FSDPModule" and not b.__name__.startswith("FSDP")
+        )
+    return cls.__name__
+
+
 # A function that replaces the output of a skipped sublayer: (module, args, kwargs, output) -> new output.
 SkipFn = Callable[[nn.Module, tuple, dict, Any], Any]
 

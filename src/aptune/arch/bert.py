@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure
+from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure, class_name
 
 
 class SkippedAttention(nn.Module):
@@ -133,7 +133,7 @@ class BertSpec(ArchSpec):
             readers.append(pooler.dense)
             producers.append(pooler.dense)
             head_modules["pooler"] = pooler
-        for path, role in _HEADS[type(model).__name__]:
+        for path, role in _HEADS[class_name(model)]:
             module = model.get_submodule(path)
             readers.append(module)
             if role == "reader+producer":

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .base import class_name
 from .llama import LlamaSpec
 
 # model class -> the attributes that hold its task heads (each reads the final hidden states)
@@ -82,7 +83,7 @@ class GemmaSpec(LlamaSpec):
         return ["input_layernorm"], ["post_attention_layernorm"]  # Gemma: pre-norms only
 
     def head_attributes(self, model: nn.Module) -> list[str]:
-        return _CLASSES.get(type(model).__name__, [])
+        return _CLASSES.get(class_name(model), [])
 
     def update_config(self, config: Any, plan: dict) -> bool:
         # config.hidden_size also sets the embedding scale (sqrt(hidden_size)) of a model built from the config:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure
+from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure, class_name
 
 
 class SkippedAttention(nn.Module):
@@ -255,7 +255,7 @@ class LlamaSpec(ArchSpec):
 
 
 def _head_attributes(model: nn.Module, prefixes: dict[str, str]) -> list[str]:
-    name = type(model).__name__
+    name = class_name(model)
     for prefix in prefixes.values():
         if name.startswith(prefix):
             return _HEAD_SUFFIXES.get(name[len(prefix) :], [])

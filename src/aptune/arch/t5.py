@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure
+from .base import ArchSpec, AttentionSite, FFNSite, HiddenSpec, ModelStructure, class_name
 
 # model class -> whether it has a decoder and a language-model head
 _CLASSES = {
@@ -303,7 +303,7 @@ class T5Spec(ArchSpec):
 
         head_modules: dict[str, nn.Module] = {}
         tied: list[tuple[nn.Linear, nn.Embedding]] = []
-        if _CLASSES[type(model).__name__][1]:
+        if _CLASSES[class_name(model)][1]:
             head = model.lm_head
             readers.append(head)
             head_modules["lm_head"] = head

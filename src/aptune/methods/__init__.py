@@ -43,6 +43,7 @@ class BuildContext:
     lora_targets: tuple[str, ...]
     calibration: Calibration  # fresh training batches on the device, for methods that calibrate
     resuming: bool = False  # a checkpoint will restore the state: skip pruning at construction
+    sharded: bool = False  # the frozen weights are sharded over processes (aptune.sharding)
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,13 @@ class MethodInfo:
     lora_targets: tuple[str, ...] = ()  # default adapter roles (empty: the method has no LoRA)
     prunes: bool = True
     families: tuple[str, ...] | None = None  # None: every family aptune has a spec for
+    sharded: bool = False  # trains a model whose frozen weights are sharded (aptune train --fsdp)
 
 
 def _apt(c: BuildContext) -> Method:
     from .apt import APT
 
-    return APT(c.model, c.apt, c.total_steps, c.steps_per_epoch, c.calibration, c.resuming)
+    return APT(c.model, c.apt, c.total_steps, c.steps_per_epoch, c.calibration, c.resuming, c.sharded)
 
 
 def _full(c: BuildContext) -> Method:
@@ -113,9 +115,9 @@ def register(info: MethodInfo) -> None:
 
 
 for _info in (
-    MethodInfo("apt", "Adaptive Pruning and Tuning", _apt, 1e-3),
+    MethodInfo("apt", "Adaptive Pruning and Tuning", _apt, 1e-3, sharded=True),
     MethodInfo("full", "full fine-tuning", _full, 5e-5, prunes=False),
-    MethodInfo("lora", "LoRA (PEFT), merged at the end", _lora, 5e-4, ("q", "v"), prunes=False),
+    MethodInfo("lora", "LoRA (PEFT), merged at the end", _lora, 5e-4, ("q", "v"), prunes=False, sharded=True),
     MethodInfo(
         "lora-prune",
         "LoRA, then Mask-Tuning pruning (Fisher search, rearrangement, rescaling), then LoRA retraining",
@@ -168,10 +170,12 @@ def build_method(
     lora_targets: tuple[str, ...] | None,
     calibration: Calibration,
     resuming: bool = False,
+    sharded: bool = False,
 ) -> Method:
     """The method object that trains ``model``. ``total_steps`` is the configured training length; a method
     with a phase before it (lora-prune's LoRA training) adds that phase, so read ``method.total_steps``.
-    ``resuming``: the caller restores a checkpoint next (``method.restore``), so nothing is pruned now."""
+    ``resuming``: the caller restores a checkpoint next (``method.restore``), so nothing is pruned now.
+    ``sharded``: ``model``'s frozen weights are sharded (:mod:`aptune.sharding`)."""
     from ..arch import describe, is_causal_lm
 
     info = method_info(name)
@@ -179,7 +183,7 @@ def build_method(
     apt = apt.for_model(is_causal_lm(model))  # the shared target's defaults (shape) follow the model kind
     roles = tuple(lora_targets) if lora_targets is not None else info.lora_targets
     context = BuildContext(
-        model, total_steps, steps_per_epoch, apt, baseline, lora_rank, roles, calibration, resuming
+        model, total_steps, steps_per_epoch, apt, baseline, lora_rank, roles, calibration, resuming, sharded
     )
     return info.factory(context)
 

@@ -23,10 +23,15 @@ class APT(Method):
         steps_per_epoch: int,
         calibration: Calibration | None = None,
         resuming: bool = False,
+        sharded: bool = False,
     ):
         super().__init__(model, total_steps)
         self.controller = APTController(
-            model, config, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+            model,
+            config,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            remove_during_training=not sharded,  # a sharded model keeps pruned blocks masked to the end
         )
         # the one-shot recipe prunes before the first step; a resumed run takes the pruned shape from its checkpoint
         if not self.controller.calibrated and not resuming:

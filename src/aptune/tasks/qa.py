@@ -68,7 +68,7 @@ def window_logits(
             )
         )
     model.train(was_training)
-    parts = [p for chunk in distributed.all_gather_objects(mine) for p in chunk] if shared else mine
+    parts = distributed.gather_shares(mine) if shared else mine
     parts.sort(key=lambda p: p[0])
     return [s for p in parts for s in p[1]], [e for p in parts for e in p[2]]
 

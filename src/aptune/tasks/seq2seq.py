@@ -76,7 +76,7 @@ def generate_texts(
         )
         mine.append((index, tokenizer.batch_decode(out, skip_special_tokens=True)))
     model.train(was_training)
-    parts = [p for chunk in distributed.all_gather_objects(mine) for p in chunk] if shared else mine
+    parts = distributed.gather_shares(mine) if shared else mine
     parts.sort(key=lambda p: p[0])
     return [text.strip() for _, texts in parts for text in texts]
 
