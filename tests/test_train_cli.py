@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -238,3 +239,40 @@ def test_peft_lora_runs_through_the_same_harness(tiny_folder):
     assert first["trainable_params"] == 3 * 2 * 4 * (32 + 32) + (32 * 2 + 2)
     model = aptune.load_pruned(out / "model")
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged at the end
+
+
+@pytest.mark.parametrize("method", ["apt", "lora"])
+def test_bfloat16_weights_train_with_fp32_heads_and_save_in_bfloat16(tiny_folder, method):
+    """``--dtype bfloat16`` loads the frozen weights in bf16 (half their memory) and computes in bf16; the layers
+    the task adds (the classifier) load fp32 like the adapters, and the saved model is all bf16 again."""
+    import torch
+    from safetensors.torch import load_file
+
+    from aptune.tasks.classification import ClassificationTask
+    from aptune.train import TrainConfig, load_model
+
+    data = write_task(tiny_folder, n_train=64, n_eval=16)
+    config = TrainConfig(model=str(tiny_folder / "model"), train=str(data["train"]), dtype="bfloat16")
+    assert config.mixed_precision == "bf16"  # bf16 weights compute under bf16 autocast
+
+    class Labels:
+        info = {"labels": [0, 1]}
+
+    model = load_model(ClassificationTask(), config.model, Labels(), config)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["classifier.weight"] == torch.float32  # new, trained: fp32 master weights
+    assert dtypes["bert.encoder.layer.0.attention.self.query.weight"] == torch.bfloat16
+
+    out = tiny_folder / f"bf16-{method}"
+    argv = ["train", "--method", method, "--model", config.model, "--train", str(data["train"])]
+    argv += ["--validation", str(data["validation"]), "--epochs", "2", "--batch-size", "8"]
+    argv += ["--density", "0.6", "--ffn-multiple", "8", "--dtype", "bfloat16"]
+    argv += ["--output", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert all(math.isfinite(loss) for loss in report["train_losses"])
+    assert report["metrics"]["best_validation"] >= 0
+    assert report["inference"]["dense"]["dtype"] == report["inference"]["final"]["dtype"] == "bfloat16"
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert aptune.load_pruned(out / "model") is not None

@@ -14,6 +14,7 @@ records metrics, density, parameters, time, memory and the settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -50,6 +51,7 @@ from .sharding import check_sharded, full_state_dict, load_full_state_dict, loca
 from .tasks import TaskData
 from .tasks.classification import compare_speed, load_classifier  # noqa: F401  (re-exported: aptune.train API)
 
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = method_names()  # the registered methods (aptune.methods.register adds more)
 
 
@@ -96,6 +98,9 @@ class TrainConfig:
     eval_limit: int | None = None  # causal LM: rows per multiple-choice file (default: all)
     seed: int = 0
     mixed_precision: str = "no"  # "no" or "bf16"
+    dtype: str = (
+        "float32"  # the frozen weights' dtype: float32 | bfloat16 (half the memory; implies bf16 compute)
+    )
     cpu: bool = False  # force CPU even when a GPU is present
     fsdp: bool = False  # shard the frozen weights over the processes (FSDP2; apt and lora)
     measure_speed: bool = True  # time dense vs final model at inference after training
@@ -108,6 +113,15 @@ class TrainConfig:
         method_info(self.method)  # unknown names fail here
         if self.mixed_precision not in ("no", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "float32":
+            if self.method == "full":
+                raise ConfigError(
+                    f"full fine-tuning trains every weight: with dtype {self.dtype} its master weights would be "
+                    "bf16 and small updates lost; use --dtype float32 (--mixed-precision bf16 still computes in bf16)"
+                )
+            object.__setattr__(self, "mixed_precision", "bf16")  # bf16 weights compute in bf16 (autocast)
         if self.epochs <= 0 and not self.max_steps:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.task is not None:
@@ -227,11 +241,23 @@ def prepare(config: TrainConfig) -> Prepared:
         # a sharded run: process 0 alone reads the weights; the others build the model empty once it has
         # loaded (train(), _empty_copy_of_process_0) and receive their shards from it
         return Prepared(None, tokenizer, data.loaders, model_path, task, data)
-    model = task.load_model(model_path, data)
+    model = load_model(task, model_path, data, config)
     check_supported(config.method, get_spec(model).family)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Prepared(model, tokenizer, data.loaders, model_path, task, data)
+
+
+def load_model(task: Any, path: str, data: Any, config: TrainConfig) -> nn.Module:
+    """The task's model with its weights in ``config.dtype``; the layers the task adds (a new classifier) stay
+    fp32 whatever that dtype, like the adapters: they train, and bf16 master weights would lose small updates."""
+    from .arch import describe
+
+    model = task.load_model(path, data, WEIGHT_DTYPES[config.dtype])
+    if config.dtype != "float32":
+        for module in describe(model).new_heads.values():
+            module.float()
+    return model
 
 
 def sharded_launch(config: TrainConfig) -> bool:
@@ -246,15 +272,19 @@ def _empty_copy_of_process_0(model: nn.Module | None, config: TrainConfig) -> nn
 
     from .arch import class_name
 
-    shared = distributed.all_gather_objects(
-        (class_name(model), model.config.to_dict()) if model is not None else None
-    )[0]
+    mine = None
+    if model is not None:
+        dtypes = {n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters()}
+        mine = (class_name(model), model.config.to_dict(), dtypes)
+    shared = distributed.all_gather_objects(mine)[0]
     if model is not None:
         return model
-    name, values = shared
+    name, values, dtypes = shared
     cls = getattr(transformers, name)
     with torch.device("meta"):
         empty = cls(cls.config_class.from_dict(values))
+        for n, p in empty.named_parameters():  # process 0's dtype for each (bf16 weights, fp32 new heads)
+            p.data = p.data.to(getattr(torch, dtypes[n]))
     if config.gradient_checkpointing:
         empty.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return empty
@@ -544,6 +574,7 @@ def train(
     elif processes > 1:
         set_seed(config.seed, device_specific=True)  # each process its own dropout (seed + process index)
     density, n_trainable = method.density(), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    low_precision = accelerator.autocast if config.dtype != "float32" else contextlib.nullcontext
     progress = _Progress(total, config.progress and main_process, initial=run.step)
     model.train()
 
@@ -590,7 +621,8 @@ def train(
 
         if evaluate_now:
             started = time.perf_counter()
-            val = task.evaluate(model, loaders["validation"], device)
+            with low_precision():  # bf16 weights and fp32 heads meet under autocast only
+                val = task.evaluate(model, loaders["validation"], device)
             val = distributed.broadcast_float(val, device)  # decisions that read it agree across processes
             run.eval_time_s += time.perf_counter() - started
             method.observe_validation(task.selection_score(val))
@@ -646,6 +678,8 @@ def train(
     if run.best_state is not None:
         model.load_state_dict(run.best_state, strict=False)
     model = method.finish().to(device)
+    if config.dtype != "float32":  # the saved model in one dtype, as it was loaded (merged heads included)
+        model.to(WEIGHT_DTYPES[config.dtype])
     for p in model.parameters():
         p.requires_grad_(False)
     if config.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
@@ -746,7 +780,7 @@ def _unsharded_copy(
     distributed.set_lockstep(False)
     if not distributed.is_main():
         return None
-    model = task.load_model(prepared.model_path, data)
+    model = load_model(task, prepared.model_path, data, config)
     fresh = _build(config, apt, baseline, model, length, steps_per_epoch, lambda: iter(()), resuming=True)
     fresh.restore(structure, state)
     load_state_strictly(fresh.model, full, "the gathered sharded model")

@@ -186,7 +186,8 @@ def compare_throughput(
 ) -> ComparisonResult:
     """Time ``reference`` and ``candidate`` alternately and return the median of the per-pair speed-ups.
 
-    Both models are moved to ``device`` (default: the candidate's) and cast to ``dtype`` when given, and run
+    Both models are moved to ``device`` (default: the candidate's) and cast to ``dtype`` (default: the
+    candidate's), and run
     on the same random token ids (drawn once from ``seed``, every token attended to). ``warmup`` untimed
     passes of each come first, alternating, then ``runs`` timed pairs: reference, candidate, reference,
     candidate, ... Each pair gives a ratio candidate throughput / reference throughput; the result holds the
@@ -197,6 +198,8 @@ def compare_throughput(
     """
     _check_sizes(batch_size, length, runs, warmup)
     device = torch.device(device) if device is not None else next(candidate.parameters()).device
+    if dtype is None:  # like with like: a dense reference loaded in fp32 runs in the candidate's dtype
+        dtype = next(candidate.parameters()).dtype
     models = {"reference": reference, "candidate": candidate}
     for model in models.values():
         model.to(device)
