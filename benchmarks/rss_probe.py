@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("method", choices=sorted(LEARNING_RATES))
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--output", default="runs/rss-probe")
+    parser.add_argument("--shape", default=None, help="APT's shape (default per-layer for an encoder)")
+    parser.add_argument("--ffn-multiple", type=int, default=None, help="APT's FFN width alignment")
     args = parser.parse_args(argv)
 
     from aptune.config import APTConfig
@@ -59,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         progress=False,
         cpu=True,
     )
-    report = train(config, APTConfig(distill=False))
+    knobs = {"shape": args.shape} if args.shape else {}
+    if args.ffn_multiple:
+        knobs["ffn_multiple"] = args.ffn_multiple
+    report = train(config, APTConfig(distill=False, **knobs))
     done.set()
     before = status_mb("VmRSS")
     release_memory()

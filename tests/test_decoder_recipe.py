@@ -48,6 +48,20 @@ def one_shot_config(**kw) -> APTConfig:
     return APTConfig(**{**base, **kw})
 
 
+def calibrated_scores(controller: APTController, batches) -> BlockScores:
+    """Run the one-shot calibration and return the scores its selection read."""
+    seen = {}
+    original = controller._select
+
+    def spy(shape, scores, target):
+        seen["scores"] = scores
+        return original(shape, scores, target)
+
+    controller._select = spy
+    controller.calibrate(batches)
+    return seen["scores"]
+
+
 def test_decoder_defaults_follow_the_papers_llama_recipe():
     c = APTConfig(target_density=0.7).resolve(100, 10, decoder=True)
     assert (c.recipe, c.adapter_targets, c.initial_density) == ("one-shot", ("q", "v"), 0.7)
@@ -143,20 +157,43 @@ def test_calibration_runs_backward_and_sums_per_batch_salience():
         sum(s.hidden for s in per_batch),
     )
     controller = APTController(model, one_shot_config(use_kurtosis=False, target_density=0.99), 20, 5)
-    seen = {}
-    original = controller._select
-
-    def spy(shape, scores, target):
-        seen["scores"] = scores
-        return original(shape, scores, target)
-
-    controller._select = spy
-    controller.calibrate(batches)
-    for got, want in zip(seen["scores"].heads, expected.heads, strict=True):
+    seen = calibrated_scores(controller, batches)
+    for got, want in zip(seen.heads, expected.heads, strict=True):
         torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-8)
-    for got, want in zip(seen["scores"].neurons, expected.neurons, strict=True):
+    for got, want in zip(seen.neurons, expected.neurons, strict=True):
         torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-8)
     assert all(float(h.sum()) > 0 for h in expected.heads)  # the gradient hooks fired
+
+
+def test_taylor_one_shot_scores_heads_and_neurons_like_llm_pruners_importance():
+    """``one_shot_salience="taylor"``: the heads and neurons are scored by ``|w x dL/dw|`` summed over their
+    weights, from the gradients the scoring passes accumulate (here one pass per batch: exactly LLM-Pruner's
+    importance on the same batches); hidden channels keep the activation salience; no gradient is left
+    behind and the frozen weights stay frozen. The Taylor ranking differs from the activation ranking."""
+    from aptune.methods.llm_pruner.importance import taylor_scores
+
+    batches = lm_batches(3)
+    reference = decoder().eval()
+    heads, neurons = taylor_scores(reference, batches)
+
+    def scored(salience: str) -> BlockScores:
+        model = decoder().eval()
+        config = one_shot_config(target_density=0.99, one_shot_salience=salience, one_shot_micro_batch=4)
+        seen = calibrated_scores(APTController(model, config, 20, 5), batches)
+        assert all(p.grad is None for p in model.parameters())
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+            n for n, p in model.named_parameters() if "lora_" in n
+        }
+        return seen
+
+    taylor, activation = scored("taylor"), scored("activation")
+    for got, want in zip(taylor.heads + taylor.neurons, heads + neurons, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(taylor.hidden, activation.hidden)
+    ranks = [torch.argsort(t) for t in taylor.neurons]
+    assert any(not torch.equal(r, torch.argsort(a)) for r, a in zip(ranks, activation.neurons, strict=True))
+    with pytest.raises(ConfigError, match="one_shot_salience must be one of"):
+        APTConfig(one_shot_salience="fisher")
 
 
 def test_select_uniform_picks_the_best_aligned_uniform_shape():

@@ -16,6 +16,7 @@ from typing import Any
 ADAPTER_ROLES = ("q", "k", "v", "o", "up", "gate", "down")
 RECIPES = ("auto", "gradual", "one-shot")
 SHAPES = ("per-layer", "uniform")
+ONE_SHOT_SALIENCE = ("activation", "taylor")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,9 @@ class APTConfig:
     mask_step: float | None = None  # default: 1 / (decay_window / 2) so a drop finishes inside a window
     initial_density: float | None = None  # one-shot: prune to this before the first step (default: target)
     one_shot_batches: int = 32  # one-shot: training batches scored (forward and backward) before pruning
+    # one-shot: how blocks are scored: "activation" (APT's salience, activation x gradient) or "taylor"
+    # (|w x dL/dw| summed over each block's weights, LLM-Pruner's criterion; costs a gradient of every weight)
+    one_shot_salience: str = "activation"
     one_shot_micro_batch: int = (
         1  # one-shot: rows per scoring pass (bounds the memory of the full-size model)
     )
@@ -85,6 +89,10 @@ class APTConfig:
             raise ConfigError(
                 f"initial_density must be in [target_density, 1] = [{self.target_density}, 1], "
                 f"got {self.initial_density}"
+            )
+        if self.one_shot_salience not in ONE_SHOT_SALIENCE:
+            raise ConfigError(
+                f"one_shot_salience must be one of {', '.join(ONE_SHOT_SALIENCE)}, got {self.one_shot_salience!r}"
             )
         for name in ("one_shot_batches", "one_shot_micro_batch"):
             if getattr(self, name) < 1:

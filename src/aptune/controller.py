@@ -25,6 +25,7 @@ pruned student) and when distillation ends. Removing them earlier degraded the t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Iterable
@@ -207,7 +208,9 @@ class APTController:
         Each batch runs forward *and* backward, in micro-batches of ``one_shot_micro_batch`` rows (the paper's
         scripts score 1-2 examples at a time; it bounds the memory of this full-size pass), with the adapters
         attached but not stepped (the released code runs forward only, so its gradient hooks never fire). The
-        per-micro-batch salience is summed, the outlier term (``use_kurtosis``) is added, blocks are selected
+        per-micro-batch salience is summed (with ``one_shot_salience="taylor"``, heads and neurons are scored
+        instead by ``|w x dL/dw|`` over their weights, from the gradients the same passes accumulate), the
+        outlier term (``use_kurtosis``) is added, blocks are selected
         under the ``initial_density`` budget and removed physically before the first optimizer step, so
         training runs on the smaller model. Returns a summary, also appended to ``history``.
 
@@ -223,9 +226,6 @@ class APTController:
             raise RuntimeError("calibrate() already ran")
         trainable = self.trainable_parameters()
         batches = itertools.islice(batches, c.one_shot_batches)
-        total: BlockScores | None = None
-        inputs: tuple[list[Tensor | None], list[Tensor | None]] | None = None
-        n = rows = 0  # this process's scoring passes and rows
         processes = distributed.world_size()
         split, me = (processes, distributed.rank()) if same_everywhere else (1, 0)
         passes: Iterable[dict[str, Tensor]] = _micro_batches(batches, c.one_shot_micro_batch)
@@ -233,45 +233,32 @@ class APTController:
         lockstep = distributed.lockstep()
         if lockstep:
             passes = list(passes)
-        for i, batch in enumerate(passes):
-            if i % split != me:
-                continue
-            n += 1
-            rows += len(batch["input_ids"]) if "input_ids" in batch else 1
-            self.collector.start()
-            loss = self.model(**batch).loss
-            loss.backward()
-            self.collector.stop()
-            if c.use_kurtosis:  # summed here, divided by the number of passes below
-                heads, neurons = self.collector.mean_inputs()
-                if inputs is None:
-                    inputs = (heads, neurons)
-                else:
-                    inputs = tuple(
-                        [_add(o, x) for o, x in zip(old, new, strict=True)]
-                        for old, new in zip(inputs, (heads, neurons), strict=True)
-                    )
-            current = self.collector.scores()
-            if total is None:
-                total = current
-            else:
-                torch._foreach_add_(total.tensors(), current.tensors())
-            for p in trainable:
-                p.grad = None
-        if lockstep:  # a share that came out short: passes that score nothing keep the collectives paired
-            for _ in range(-(-len(passes) // split) - n):
-                self.model(**passes[0]).loss.mul(0).backward()
-                for p in trainable:
-                    p.grad = None
-        if processes > 1:
-            counts = torch.tensor([n, rows], dtype=torch.float64)
-            distributed.all_reduce_([counts], "sum")
-            n, rows = (int(x) for x in counts.tolist())
-            if total is None:  # fewer passes than processes: this one scored nothing
-                total = BlockScores.zeros(describe(self.model), device=next(self.model.parameters()).device)
-            distributed.all_reduce_(total.tensors(), "sum")
-        if n == 0:
-            raise ValueError("calibration got no batches")
+        # "taylor": the same passes also accumulate the gradient of every projection weight
+        from .methods.llm_pruner.importance import WeightGradients  # the criterion LLM-Pruner's baseline uses
+
+        weights = WeightGradients(self.model) if c.one_shot_salience == "taylor" else contextlib.nullcontext()
+        with weights:
+            total, n, rows, inputs = self._score_passes(passes, split, me, lockstep, trainable)
+            if processes > 1:
+                counts = torch.tensor([n, rows], dtype=torch.float64)
+                distributed.all_reduce_([counts], "sum")
+                n, rows = (int(x) for x in counts.tolist())
+                if total is None:  # fewer passes than processes: this one scored nothing
+                    device = next(self.model.parameters()).device
+                    total = BlockScores.zeros(describe(self.model), device=device)
+                distributed.all_reduce_(total.tensors(), "sum")
+            if n == 0:
+                raise ValueError("calibration got no batches")
+            if isinstance(
+                weights, WeightGradients
+            ):  # heads and neurons by Taylor, hidden channels by salience
+                distributed.all_reduce_(weights.gradients(), "sum")
+                heads, neurons = weights.scores()
+                total = BlockScores(
+                    [h.to(t.device, t.dtype) for h, t in zip(heads, total.heads, strict=True)],
+                    [x.to(t.device, t.dtype) for x, t in zip(neurons, total.neurons, strict=True)],
+                    total.hidden,
+                )
         if inputs is not None:
             if processes > 1:
                 distributed.all_reduce_([x for part in inputs for x in part if x is not None], "sum")
@@ -302,6 +289,53 @@ class APTController:
         self.history.append(summary)
         release_memory()
         return summary
+
+    def _score_passes(
+        self,
+        passes: Iterable[dict[str, Tensor]],
+        split: int,
+        me: int,
+        lockstep: bool,
+        trainable: list[nn.Parameter],
+    ) -> tuple[BlockScores | None, int, int, Any]:
+        """Run this process's share of the one-shot scoring passes (pass i when ``i % split == me``), forward and
+        backward; return the summed block salience, the passes and rows scored, and (``use_kurtosis``) the
+        summed mean inputs of the output projections."""
+        total: BlockScores | None = None
+        inputs: tuple[list[Tensor | None], list[Tensor | None]] | None = None
+        n = rows = 0
+        for i, batch in enumerate(passes):
+            if i % split != me:
+                continue
+            n += 1
+            rows += len(batch["input_ids"]) if "input_ids" in batch else 1
+            self.collector.start()
+            loss = self.model(**batch).loss
+            loss.backward()
+            self.collector.stop()
+            if self.config.use_kurtosis:  # summed here, divided by the number of passes by the caller
+                heads, neurons = self.collector.mean_inputs()
+                if inputs is None:
+                    inputs = (heads, neurons)
+                else:
+                    inputs = tuple(
+                        [_add(o, x) for o, x in zip(old, new, strict=True)]
+                        for old, new in zip(inputs, (heads, neurons), strict=True)
+                    )
+            current = self.collector.scores()
+            if total is None:
+                total = current
+            else:
+                torch._foreach_add_(total.tensors(), current.tensors())
+            for p in trainable:
+                p.grad = None
+        if lockstep:  # a share that came out short: passes that score nothing keep the collectives paired
+            assert isinstance(passes, list)
+            for _ in range(-(-len(passes) // split) - n):
+                self.model(**passes[0]).loss.mul(0).backward()
+                for p in trainable:
+                    p.grad = None
+        return total, n, rows, inputs
 
     def _select(self, shape: StructureShape, scores: BlockScores, target: float) -> Selection:
         """Blocks to keep under ``target`` (a density of the original structure), in the configured shape."""

@@ -56,6 +56,10 @@ def check_sharded(method: str, supported: bool, apt: APTConfig, processes: int) 
         )
     if apt.distill:
         raise ConfigError("--distill does not run sharded (--fsdp): the teacher shares the frozen modules")
+    if apt.one_shot_salience == "taylor":
+        raise ConfigError(
+            "--one-shot-salience taylor does not run sharded (--fsdp): it needs whole gradients of the weights"
+        )
     if apt.use_kurtosis:
         raise ConfigError(
             "--use-kurtosis does not run sharded (--fsdp): the outlier term reads whole weight columns"
