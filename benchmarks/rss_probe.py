@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/rss-probe")
     parser.add_argument("--shape", default=None, help="APT's shape (default per-layer for an encoder)")
     parser.add_argument("--ffn-multiple", type=int, default=None, help="APT's FFN width alignment")
+    parser.add_argument(
+        "--prune-hidden", action=argparse.BooleanOptionalAction, default=None, help="APT's hidden pruning"
+    )
     args = parser.parse_args(argv)
 
     from aptune.config import APTConfig
@@ -64,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     knobs = {"shape": args.shape} if args.shape else {}
     if args.ffn_multiple:
         knobs["ffn_multiple"] = args.ffn_multiple
+    if args.prune_hidden is not None:
+        knobs["prune_hidden"] = args.prune_hidden
     report = train(config, APTConfig(distill=False, **knobs))
     done.set()
     before = status_mb("VmRSS")

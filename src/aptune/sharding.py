@@ -115,12 +115,6 @@ def shard_model(
     fully_shard(model, mesh=mesh, ignored_params=keep, reshard_after_forward=True)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def local_numel(model: nn.Module) -> dict[str, int]:
     """Parameters this process holds: sharded (its shards only) and whole."""
     from torch.distributed.tensor import DTensor
@@ -172,7 +166,6 @@ def load_full_state_dict(
 __all__ = [
     "check_sharded",
     "full_state_dict",
-    "is_sharded",
     "layer_modules",
     "load_full_state_dict",
     "local_numel",
