@@ -456,10 +456,9 @@ class APTController:
 
     def _checkpoint(self) -> bool:
         changed = False
-        if not self.remove_during_training:
-            pass  # a sharded model: the blocks stay masked to the end
-        elif self.distiller is None or not self.distiller.has_teacher or self.distiller.separate:
-            if self._has_pruned_blocks():
+        if self.distiller is None or not self.distiller.has_teacher or self.distiller.separate:
+            # (a sharded model, which never distils, keeps its blocks masked to the end)
+            if self.remove_during_training and self._has_pruned_blocks():
                 self.prune_physically()
                 changed = True
         elif self._teacher_improved():

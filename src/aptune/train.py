@@ -237,7 +237,7 @@ def prepare(config: TrainConfig) -> Prepared:
     task = resolve_task(config, model_path)
     tokenizer = load_tokenizer(config.tokenizer or model_path)
     data = task.load_data(config, tokenizer)
-    if sharded_launch(config) and os.environ.get("RANK", "0") != "0":
+    if _receives_weights(config):
         # a sharded run: process 0 alone reads the weights; the others build the model empty once it has
         # loaded (train(), _empty_copy_of_process_0) and receive their shards from it
         return Prepared(None, tokenizer, data.loaders, model_path, task, data)
@@ -263,6 +263,11 @@ def load_model(task: Any, path: str, data: Any, config: TrainConfig) -> nn.Modul
 def sharded_launch(config: TrainConfig) -> bool:
     """``--fsdp``, or a launch with Accelerate's FSDP (``accelerate launch --use_fsdp``)."""
     return config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def _receives_weights(config: TrainConfig) -> bool:
+    """A sharded run's process other than 0: it never reads the weights, process 0 sends it its shards."""
+    return sharded_launch(config) and os.environ.get("RANK", "0") != "0"
 
 
 def _empty_copy_of_process_0(model: nn.Module | None, config: TrainConfig) -> nn.Module:
@@ -496,7 +501,7 @@ def train(
     if config.resume:
         source = resume_source(config, apt, baseline)
         # sharded: the weights reach the other processes from process 0, which alone reads them
-        skip = ("model",) if sharded_launch(config) and os.environ.get("RANK", "0") != "0" else ()
+        skip = ("model",) if _receives_weights(config) else ()
         saved = load_checkpoint(source, skip=skip)
     prepared = prepared or prepare(config)
     model, loaders = prepared.model, prepared.loaders
@@ -505,9 +510,8 @@ def train(
     accelerator = _accelerator(config)
     device = accelerator.device
     processes, main_process = accelerator.num_processes, accelerator.is_main_process
-    sharded = check_parallelism(accelerator, config.fsdp)
+    sharded = check_parallelism(accelerator, config.fsdp)  # what it cannot do was refused before loading
     if sharded:
-        check_sharded(config.method, method_info(config.method).sharded, apt, processes)
         model = _empty_copy_of_process_0(model, config)
     else:
         model.to(device)  # a sharded model is moved by FSDP, a shard at a time
