@@ -122,6 +122,29 @@ def test_chat_data_trains_on_assistant_tokens_and_baselines_share_the_task(lm_fo
     assert model.config.num_key_value_heads in (1, 2)
 
 
+@pytest.mark.parametrize("method", ["apt", "lora"])
+def test_the_chunked_loss_trains_as_the_models_own(lm_folder, method):
+    """Chat data (the loss on part of each row): the same losses step by step and the same final weights with
+    the loss computed without logits (the default) as with the model's own; APT's one-shot calibration, rank
+    growth and PEFT's LoRA included. The saved model computes its logits again."""
+    extra = ["--method", method, "--max-length", "128"]
+    extra += ["--epochs", "2", "--density", "0.6", *APT] if method == "apt" else ["--epochs", "1"]
+    chunked = train(lm_folder, "chat", *extra)
+    own = train(lm_folder, "chat", *extra, "--no-chunked-lm-loss")
+    assert chunked["chunked_lm_loss"] is True and own["chunked_lm_loss"] is False
+    phases = chunked["peak_memory_phases_mb"]  # the peak from loading to the last step, split in two phases
+    assert chunked["peak_memory_mb"] == max(phases["load_and_setup"], phases["training_steps"])
+    assert 0 < phases["training_steps"] <= chunked["peak_memory_mb"]
+    assert len(chunked["train_losses"]) == len(own["train_losses"]) > 2
+    for a, b in zip(chunked["train_losses"], own["train_losses"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert chunked["method_history"] == pytest.approx(own["method_history"], rel=1e-4)
+    a = AutoModelForCausalLM.from_pretrained(chunked["out"] / "model")
+    b = AutoModelForCausalLM.from_pretrained(own["out"] / "model")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(x, y, atol=1e-5), name
+
+
 def test_gradient_accumulation_and_checkpointing_train(lm_folder):
     report = train(
         lm_folder,

@@ -12,6 +12,7 @@ from .compact import PrunedModelError, compact, load_pruned, read_structure, sav
 from .config import APTConfig, ConfigError
 from .controller import APTController
 from .masks import MaskError, StructuralMasks, apply_masks
+from .tasks.lm_loss import use_chunked_loss, use_model_loss
 from .train import TrainConfig, train
 
 __version__ = "0.1.0.dev0"
@@ -41,4 +42,6 @@ __all__ = [
     "read_structure",
     "save_pruned",
     "train",
+    "use_chunked_loss",
+    "use_model_loss",
 ]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .arch import ModelStructure, Part, describe, get_spec
 from .budget import StructureShape
 from .masks import MaskError, StructuralMasks, attached_masks, remove_masks
+from .memory import copy_out_of_file_maps
 
 STRUCTURE_FILE = "aptune_structure.json"
 FORMAT_VERSION = 1
@@ -175,6 +176,7 @@ def compact(model: nn.Module, masks: StructuralMasks | None = None) -> nn.Module
 
     plan = StructureShape.of(describe(model))
     model._aptune_plain_loadable = spec.update_config(model.config, plan.plan_dict())
+    copy_out_of_file_maps(model)  # the dense checkpoint's pages leave with their last user (aptune.memory)
     return model
 
 

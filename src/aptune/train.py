@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shlex
 import sys
 import time
@@ -46,10 +45,12 @@ from .checkpoint import (
 )
 from .compact import load_state_strictly, save_pruned, shape_and_ranks
 from .config import ADAPTER_ROLES, APTConfig, ConfigError
+from .memory import peak_memory_mb, reset_peak_memory
 from .methods import BaselineConfig, build_method, check_supported, lr_factor, method_info, method_names
 from .sharding import check_sharded, full_state_dict, load_full_state_dict, local_numel, shard_model
 from .tasks import TaskData
 from .tasks.classification import compare_speed, load_classifier  # noqa: F401  (re-exported: aptune.train API)
+from .tasks.lm_loss import use_chunked_loss, use_model_loss
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = method_names()  # the registered methods (aptune.methods.register adds more)
@@ -87,6 +88,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (APT decides once per step)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    chunked_lm_loss: bool = True  # causal LM: the training loss without the vocabulary-sized logits
+    # (aptune.tasks.lm_loss; the same loss, computed a chunk of tokens at a time)
     evals_per_epoch: int = 2
     max_target_length: int = (
         128  # seq2seq: target tokens kept in training, new tokens generated in evaluation
@@ -160,11 +163,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- loading --------------------------------------------------------------------------------------------
@@ -515,6 +513,7 @@ def train(
         model = _empty_copy_of_process_0(model, config)
     else:
         model.to(device)  # a sharded model is moved by FSDP, a shard at a time
+    chunked_loss = config.chunked_lm_loss and not sharded and use_chunked_loss(model)
     out.mkdir(parents=True, exist_ok=True)
 
     accumulate = config.gradient_accumulation_steps
@@ -561,6 +560,9 @@ def train(
     stream = BatchStream(loaders["train"], accumulate, min_rows=processes)
     setup_time = time.perf_counter() - started
     run = RunState(setup_time_s=setup_time, train_time_s=setup_time)  # setup counts as training time too
+    # the peak of loading and setup (APT's calibration and one-shot pruning), then the training steps' own
+    setup_peak = peak_memory_mb(device)
+    steps_peak_known = reset_peak_memory(device)
     if saved is not None:
         method.restore(saved["structure"], saved["method"])
         model = method.model
@@ -670,7 +672,8 @@ def train(
             run.checkpoint_time_s += time.perf_counter() - started
     progress.close()
 
-    peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+    steps_peak = peak_memory_mb(device) if steps_peak_known else None
+    peak_memory = max(setup_peak, steps_peak or 0.0)
     step, best, history = run.step, run.best, run.history
     sharding_report = local_numel(model) if sharded else None
     if sharded:  # process 0 continues on a whole copy; the others are done once the weights are gathered
@@ -682,6 +685,7 @@ def train(
     if run.best_state is not None:
         model.load_state_dict(run.best_state, strict=False)
     model = method.finish().to(device)
+    use_model_loss(model)  # the final model computes its logits, as any transformers model does
     if config.dtype != "float32":  # the saved model in one dtype, as it was loaded (merged heads included)
         model.to(WEIGHT_DTYPES[config.dtype])
     for p in model.parameters():
@@ -718,6 +722,9 @@ def train(
         "train_losses": run.losses,  # the loss of every optimizer step
         "peak_memory_mb": peak_memory,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+        # loading and setup (building the method: calibration, one-shot pruning), then the training steps
+        "peak_memory_phases_mb": {"load_and_setup": setup_peak, "training_steps": steps_peak},
+        "chunked_lm_loss": chunked_loss,  # the causal-LM loss computed without the logits
         "processes": processes,  # peak memory and times are process 0's
         "sharding": {"kind": "fsdp", "params_per_process": sharding_report} if sharded else None,
         "steps": step,

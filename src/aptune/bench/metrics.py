@@ -78,6 +78,8 @@ def summarize_report(report: Mapping[str, Any]) -> dict[str, Any]:
         "steps": report.get("steps"),
         "train_peak_memory_mb": report.get("peak_memory_mb"),
         "train_peak_memory_kind": report.get("peak_memory_kind"),
+        # the training steps alone, after loading and setup (APT's calibration and one-shot pruning)
+        "steps_peak_memory_mb": (report.get("peak_memory_phases_mb") or {}).get("training_steps"),
         "trainable_params_max": max(trainable) if trainable else None,
         "params_total_after": after.get("total"),
         "params_prunable_after": after.get("prunable"),
@@ -208,6 +210,7 @@ LM_RATIOS = (  # (entry key, the key of its ratio to the reference)
     ("test_perplexity", "perplexity_vs_ref"),
     ("best_validation", "best_validation_vs_ref"),
     ("train_peak_memory_mb", "peak_memory_vs_ref"),
+    ("steps_peak_memory_mb", "steps_memory_vs_ref"),
     ("train_time_per_epoch_s", "train_time_per_epoch_vs_ref"),
 )
 

@@ -228,6 +228,8 @@ def lm_columns(results: Mapping[str, Any]) -> list[str]:
         "train s/epoch",
         "train peak mem (MiB)",
         f"mem vs {ref}",
+        "steps peak mem (MiB)",
+        f"steps mem vs {ref}",
         "prefill tok/s (dense → final)",
         "prefill speed-up",
         "decode tok/s (dense → final)",
@@ -259,6 +261,8 @@ def lm_table_row(name: str, entry: Mapping[str, Any], files: list[str], width: i
         _num(entry.get("train_time_per_epoch_s"), ".1f"),
         _num(entry.get("train_peak_memory_mb"), ".0f"),
         _num(entry.get("peak_memory_vs_ref"), ".2f", "x"),
+        _num(entry.get("steps_peak_memory_mb"), ".0f"),
+        _num(entry.get("steps_memory_vs_ref"), ".2f", "x"),
         _tokens_cell(speed.get("prefill")),
         vs_dense_cell(speed.get("prefill")),
         _tokens_cell(speed.get("decode")),
@@ -326,7 +330,11 @@ def lm_markdown(results: Mapping[str, Any]) -> str:
     lines.append(text + ".")
     kinds = sorted({e["train_peak_memory_kind"] for e in methods.values() if e.get("train_peak_memory_kind")})
     if kinds:
-        lines.append(f"Train peak memory: {', '.join(kinds)} of the train child during training.")
+        lines.append(
+            f"Train peak memory: {', '.join(kinds)} of the train child from loading to the last step; steps "
+            "peak memory: the same during the training steps alone (after loading and setup: APT's calibration "
+            "and one-shot pruning, LLM-Pruner's importance pass)."
+        )
     prefill = _first(methods, "inference")
     if prefill and prefill.get("prefill"):
         p, d = prefill["prefill"], prefill.get("decode") or {}

@@ -21,6 +21,7 @@ from .. import distributed
 from ..config import ConfigError
 from ..evaluate import compare_throughput, quiet_transformers
 from .base import Task, TaskData, load_pretrained
+from .lm_loss import chunked_loss_unsupported, summed_lm_head_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainConfig
@@ -38,20 +39,31 @@ def labelled_perplexity(
     model: nn.Module, batches: Any, device: torch.device | None = None, shared: bool = False
 ) -> float:
     """exp of the mean next-token loss over every labelled token (labels != -100) of ``batches``.
-    ``shared``: as for :func:`aptune.evaluate.accuracy`, each process scores its share."""
+    ``shared``: as for :func:`aptune.evaluate.accuracy`, each process scores its share.
+
+    Where :mod:`aptune.tasks.lm_loss` applies (a PEFT model is scored through its base model, which carries its
+    adapters), the loss is computed from the last hidden states a chunk of tokens at a time, without the
+    vocabulary-sized logits that would otherwise be the largest tensors of an evaluation."""
     was_training = model.training
     model.eval()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    chunked = chunked_loss_unsupported(inner) is None
     total, count = torch.zeros((), dtype=torch.float64), 0
     for batch in distributed.my_share(batches) if shared else batches:
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1].float()
-        target = labels[:, 1:]
-        loss = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-        )
+        if chunked:
+            hidden = getattr(inner, inner.base_model_prefix)(**batch).last_hidden_state
+            loss, n = summed_lm_head_loss(hidden, inner.lm_head, labels)
+        else:
+            logits = model(**batch).logits[:, :-1].float()
+            target = labels[:, 1:]
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            n = int((target != -100).sum())
         total += loss.double().cpu()
-        count += int((target != -100).sum())
+        count += n
     model.train(was_training)
     if shared:
         total, count = distributed.sum_over_processes([float(total), count])
