@@ -104,7 +104,7 @@ class ChunkedLossForward:
             labels is None
             or args
             or any(kwargs.get(flag) for flag in _FULL_OUTPUT_FLAGS)
-            or kwargs.get("logits_to_keep", 0) not in (0, None)
+            or not _all_positions(kwargs.get("logits_to_keep"))
             or kwargs.get("return_dict") is False
             or type(model.lm_head.weight).__name__ == "DTensor"
         ):
@@ -124,6 +124,11 @@ class ChunkedLossForward:
             num_items_in_batch=num_items,
         )
         return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def _all_positions(logits_to_keep: Any) -> bool:
+    """Whether ``logits_to_keep`` (an int, a tensor of positions, or None) asks for every position."""
+    return logits_to_keep is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0)
 
 
 def chunk_rows(vocab_size: int, device: str) -> int:
