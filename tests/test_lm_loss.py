@@ -178,28 +178,6 @@ def test_hugging_face_trainer_trains_the_same_with_it(tmp_path):
     assert not torch.allclose(own.lm_head.weight, tiny_causal_lm(seed=0).lm_head.weight)  # it trained
 
 
-def test_many_chunks_give_the_same_loss_and_gradients(monkeypatch):
-    import aptune.tasks.lm_loss as lm_loss
-
-    monkeypatch.setattr(lm_loss, "MIN_ROWS", 4)
-    monkeypatch.setattr(lm_loss, "CHUNK_BYTES", {"cpu": 1, "cuda": 1})
-    assert lm_loss.chunk_rows(97, "cpu") == 4
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 97, bias=True)
-    hidden = torch.randn(3, 23, 16, requires_grad=True)
-    labels = torch.randint(0, 97, (3, 23))
-    labels[0, :5] = -100
-    loss = lm_loss.lm_head_loss(hidden, head, labels)  # 3 x 22 - 5 = 61 labelled tokens: 16 chunks
-    (g_hidden, g_weight) = torch.autograd.grad(loss, [hidden, head.weight])
-    logits = head(hidden)[:, :-1]
-    ref = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
-    r_hidden, r_weight = torch.autograd.grad(ref, [hidden, head.weight])
-    assert torch.allclose(loss, ref, rtol=1e-6)
-    assert torch.allclose(g_hidden, r_hidden, atol=1e-7) and torch.allclose(g_weight, r_weight, atol=1e-7)
-
-
 def test_validation_perplexity_without_logits_equals_the_full_computation():
     """labelled_perplexity takes the path without logits for a model and for a PEFT model (through its base
     model, adapters included); both equal the perplexity from the whole logits."""
@@ -236,3 +214,42 @@ def test_validation_perplexity_without_logits_equals_the_full_computation():
     assert "PEFT" in chunked_loss_unsupported(peft)
     assert labelled_perplexity(peft, batches) == pytest.approx(from_logits(peft), rel=1e-5)
     assert labelled_perplexity(peft, batches) != pytest.approx(labelled_perplexity(model, batches), rel=1e-3)
+
+
+@pytest.mark.parametrize("older_pytorch", [False, True])
+def test_many_chunks_give_the_same_loss_and_gradients(monkeypatch, older_pytorch):
+    """Chunks of 4 tokens, with PyTorch's linear_cross_entropy and with the checkpointed chunks an older
+    PyTorch gets."""
+    import aptune.tasks.lm_loss as lm_loss
+
+    if older_pytorch:
+        monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy")
+    monkeypatch.setattr(lm_loss, "MIN_ROWS", 4)
+    monkeypatch.setattr(lm_loss, "CHUNK_BYTES", {"cpu": 1, "cuda": 1})
+    assert lm_loss.chunk_rows(97, "cpu") == 4
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 97, bias=True)
+    hidden = torch.randn(3, 23, 16, requires_grad=True)
+    labels = torch.randint(0, 97, (3, 23))
+    labels[0, :5] = -100
+    loss = lm_loss.lm_head_loss(hidden, head, labels)  # 3 x 22 - 5 = 61 labelled tokens: 16 chunks
+    (g_hidden, g_weight) = torch.autograd.grad(loss, [hidden, head.weight])
+    logits = head(hidden)[:, :-1]
+    ref = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    r_hidden, r_weight = torch.autograd.grad(ref, [hidden, head.weight])
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    assert torch.allclose(g_hidden, r_hidden, atol=1e-7) and torch.allclose(g_weight, r_weight, atol=1e-7)
+
+
+def test_an_older_pytorch_trains_the_same(monkeypatch):
+    model = tiny_model("LlamaForCausalLM").train()
+    batch = chat_like_batch()
+    own, own_grads = loss_and_grads(model, batch)
+    monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy")
+    assert use_chunked_loss(model)
+    chunked, grads = loss_and_grads(model, batch)
+    assert chunked.logits is None and torch.allclose(chunked.loss, own.loss, rtol=1e-6)
+    for name, g in grads.items():
+        assert torch.allclose(g, own_grads[name], rtol=1e-4, atol=1e-6), name

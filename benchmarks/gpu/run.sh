@@ -18,13 +18,16 @@
 #   4. benchmarks/step_time.py: APT's dense-phase step against PEFT LoRA's on q, v, up (MiniLM at 32 x 64, and a
 #      random BERT-base at 32 x 128; fp32);
 #   5. design decisions (issue 11): APT at density 0.4 for 3 epochs, 2 seeds, without the kurtosis term, with
-#      it, and with self-distillation; six runs at once on the one GPU (accuracy only: their times mean little).
+#      it, and with self-distillation; six runs at once on the one GPU (accuracy only: their times mean little);
+#   6. benchmarks/lm_loss_chunks.py: the causal-LM loss without logits (issue 12) against the whole logits, on a
+#      Llama-3-8B head (4096 x 128,256) at 16,384 tokens in bf16, chunk sizes 512-4096 (time and peak memory;
+#      checks the 512 MiB chunk budget aptune uses on GPUs). Run alone with --steps 6 (about a minute).
 # The SmolLM2-135M step (APT at density 0.7 against dense LoRA) waits for causal-LM tuning (issue 12).
 set -uo pipefail
-OUTDIR=${1:?usage: benchmarks/gpu/run.sh OUTDIR [--dry-run] [--steps 1,2,3,4,5]}
+OUTDIR=${1:?usage: benchmarks/gpu/run.sh OUTDIR [--dry-run] [--steps 1,2,3,4,5,6]}
 shift
 DRY=0
-STEPS=1,2,3,4,5
+STEPS=1,2,3,4,5,6
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) DRY=1;;
@@ -54,6 +57,7 @@ if [ $DRY = 1 ]; then
   SPEED_FLAGS=(--batch-sizes 4 --lengths 16 --dtypes float32 --device cpu --runs 3)
   STEP_FLAGS=(--device cpu --steps 4 --warmup 1 --batch-size 4 --length 16); STEP_LONG=16
   DECISION_EPOCHS=2; DECISION_FLAGS=(--cpu --batch-size 16)
+  LOSS_FLAGS=(--device cpu --tokens 256 --rounds 1 --shapes tiny:64:4096 --rows 64 128)
 else
   [ -d .gpu/minilm ] || { echo "no .gpu/minilm: run python benchmarks/gpu/prepare.py here first and carry .gpu" >&2; exit 2; }
   MODEL=.gpu/minilm; DATA=.gpu/data/rt-polarity
@@ -62,6 +66,8 @@ else
   SPEED_FLAGS=(--batch-sizes 512 --lengths 128 --dtypes bfloat16 --device cuda --runs 20)
   STEP_FLAGS=(--device cuda --steps 60 --warmup 10 --batch-size 32 --length 64); STEP_LONG=128
   DECISION_EPOCHS=3; DECISION_FLAGS=()
+  LOSS_FLAGS=(--device cuda --dtype bfloat16 --tokens 16384 --rounds 5 --shapes llama3-8b:4096:128256
+              --rows 512 1024 2048 4096)
 fi
 
 {
@@ -120,5 +126,10 @@ for seed in 0 1; do
 done
 wait
 $PY benchmarks/summarize_runs.py "$OUTDIR/decisions" --json "$OUTDIR/decisions.json" | tee "$OUTDIR/decisions.md"
+fi
+
+if want 6; then
+log "6. the causal-LM loss without logits against the whole logits"
+$PY benchmarks/lm_loss_chunks.py "${LOSS_FLAGS[@]}" --out "$OUTDIR/lm-loss-chunks.json" 2>&1 | tee "$OUTDIR/lm-loss.log"
 fi
 log "done"

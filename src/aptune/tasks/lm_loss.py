@@ -13,6 +13,9 @@ output then has ``loss`` and no ``logits``. Every other call goes to the model's
 without labels (evaluation, generation, a distillation teacher), calls that ask for hidden states or attentions
 (self-distillation reads the student's logits), ``logits_to_keep`` and tuple outputs.
 
+Before PyTorch 2.13 (no ``linear_cross_entropy``), :func:`chunked_cross_entropy` checkpoints each chunk instead:
+the same loss and memory, with the head run twice.
+
 The loss is the model's own (transformers' ``ForCausalLMLoss``: labels shifted by one, the mean over labelled
 tokens, or their sum over ``num_items_in_batch`` when a trainer passes it), up to float rounding. Under bf16
 autocast the head runs in bf16 as it would under autocast, with fp32 accumulation inside the chunked kernel;
@@ -142,6 +145,17 @@ def chunk_rows(vocab_size: int, device: str) -> int:
     return max(MIN_ROWS, 1 << max(0, rows.bit_length() - 1))
 
 
+def chunk_options(rows: int, device: str) -> Any:
+    """``linear_cross_entropy``'s options for chunks of ``rows`` tokens on ``device`` (a device type). The CPU
+    accumulates in fp32 ("accurate": PyTorch's other policies hit its emulated low-precision matmuls, 20-50x
+    slower); elsewhere PyTorch's own choice per device and dtype."""
+    from torch.nn import LinearCrossEntropyOptions
+
+    return LinearCrossEntropyOptions(
+        chunking_method=None, batch_chunk_size=rows, acc_policy="accurate" if device == "cpu" else "auto"
+    )
+
+
 def lm_head_loss(
     hidden: Tensor,
     head: nn.Linear,
@@ -162,8 +176,6 @@ def summed_lm_head_loss(
 ) -> tuple[Tensor, int]:
     """The summed next-token cross-entropy (fp32) of ``head(hidden)`` over the labelled tokens, and their
     number; a chunk of tokens at a time, without the logits."""
-    from torch.nn import LinearCrossEntropyOptions
-
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     target = shift_labels.reshape(-1).to(hidden.device)
@@ -178,17 +190,38 @@ def summed_lm_head_loss(
         bias = bias.to(dtype) if bias is not None else None
     elif states.dtype != weight.dtype:
         states = states.to(weight.dtype)
-    total = nn.functional.linear_cross_entropy(
-        states,
-        weight,
-        target,
-        linear_bias=bias,
-        reduction="sum",
-        ignore_index=IGNORE_INDEX,
-        options=LinearCrossEntropyOptions(
-            chunking_method=None,
-            batch_chunk_size=chunk_rows(head.out_features, device),
-            acc_policy="accurate",
-        ),
+    total = chunked_cross_entropy(states, weight, bias, target, chunk_rows(head.out_features, device))
+    return total, int(target.numel())
+
+
+def chunked_cross_entropy(
+    states: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, rows: int
+) -> Tensor:
+    """The summed cross-entropy (fp32) of ``linear(states, weight, bias)`` against ``target`` (tokens, no
+    ignored ones), ``rows`` tokens at a time, never holding the whole logits.
+
+    With PyTorch's ``linear_cross_entropy`` (2.13 and later) the gradients are computed in the forward pass,
+    a chunk at a time. Older PyTorch versions get activation checkpointing per chunk: each chunk's logits are
+    made in the forward pass and dropped, and made again in the backward pass, so the head runs twice."""
+    if hasattr(nn.functional, "linear_cross_entropy"):
+        return nn.functional.linear_cross_entropy(
+            states,
+            weight,
+            target,
+            linear_bias=bias,
+            reduction="sum",
+            options=chunk_options(rows, states.device.type),
+        ).float()
+    from torch.utils.checkpoint import checkpoint
+
+    total = states.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(target), rows):
+        part = slice(start, start + rows)
+        total = total + checkpoint(_chunk_loss, states[part], weight, bias, target[part], use_reentrant=False)
+    return total
+
+
+def _chunk_loss(states: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(
+        nn.functional.linear(states, weight, bias).float(), target, reduction="sum"
     )
-    return total.float(), int(target.numel())
