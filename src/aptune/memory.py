@@ -10,9 +10,9 @@ One more holder: on the CPU, transformers memory-maps a safetensors checkpoint, 
 file's pages, resident once touched (a forward pass touches them all), and the mapping lives as long as any
 tensor uses it. Pruning replaces most weights by smaller copies, yet the embeddings and the untouched norms
 still use the mapping, so the dense checkpoint stayed resident beside its pruned copy: SmolLM2 pruned to 70 %
-held its 513 MiB of file pages besides the pruned weights. :func:`copy_out_of_file_maps` (run at every
-physical removal, :func:`aptune.compact.compact`) copies the tensors still in a mapping, whose last user then
-drops it. Loading stays free (no copy until something is pruned), and on a GPU there is nothing to do.
+held its 513 MiB of file pages besides the pruned weights. :func:`copy_out_of_file_maps` (run at the end
+of every physical removal, :func:`aptune.compact.compact`) copies the tensors still in a mapping, whose last
+user then drops it. Loading stays free (no copy until something is pruned); on a GPU there is nothing to do.
 """
 
 from __future__ import annotations
@@ -42,12 +42,8 @@ def _malloc_trim() -> bool:
     return bool(trim(0))
 
 
-def release_memory(model: torch.nn.Module | None = None) -> None:
-    """Collect garbage and return unused allocator memory to the system (CUDA cache, glibc heap); with
-    ``model``, first move its weights that still live in a memory-mapped checkpoint into memory of their own
-    (:func:`copy_out_of_file_maps`), so the dense checkpoint's pages leave the process too."""
-    if model is not None:
-        copy_out_of_file_maps(model)
+def release_memory() -> None:
+    """Collect garbage and return unused allocator memory to the system (CUDA cache, glibc heap)."""
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
