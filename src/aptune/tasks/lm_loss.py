@@ -38,9 +38,9 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100
 # model types whose ForCausalLM forward is: hidden = self.model(...); logits = self.lm_head(hidden); loss
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
-# the fp32 logits of one chunk, per device type, and the fewest tokens per chunk (see chunk_rows)
+# the fp32 logits of one chunk, per device type, and the fewest tokens per chunk (measured: see chunk_rows)
 CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 512 * 2**20}
-MIN_ROWS = 64
+MIN_ROWS = 128
 # calls that need the logits (or what the body returns besides the last hidden states)
 _FULL_OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
 
@@ -137,9 +137,10 @@ def _all_positions(logits_to_keep: Any) -> bool:
 def chunk_rows(vocab_size: int, device: str) -> int:
     """Tokens per chunk: their fp32 logits about :data:`CHUNK_BYTES` of the device, at least :data:`MIN_ROWS`.
 
-    Each chunk reads the whole head weight again, so chunks much smaller than that are slow (PyTorch's own
-    "aspect ratio" choice gives SmolLM2 chunks of 8 tokens, 7x slower on the CPU than unchunked); from 64-128
-    tokens on, a chunk is as fast as the whole logits (``benchmarks/results/lm-loss-cpu/``)."""
+    Each chunk reads the whole head weight again, so small chunks are slow: PyTorch's own choice ("auto", a
+    few tokens per chunk) took 5.5x the whole logits' time for SmolLM2 and 15x for Gemma 3 on 2 CPU cores;
+    chunks of 128 tokens took 0.77x and 0.88x, and 64 tokens 0.96x and 1.09x
+    (``benchmarks/results/lm-loss-cpu/chunks.json``)."""
     budget = CHUNK_BYTES.get(device, CHUNK_BYTES["cuda"])
     rows = budget // (4 * vocab_size)
     return max(MIN_ROWS, 1 << max(0, rows.bit_length() - 1))
