@@ -30,10 +30,6 @@ def status_mb(key: str) -> float:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("method", choices=["apt", "lora", "llm-pruner"])
@@ -54,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from aptune.config import APTConfig
-    from aptune.memory import release_memory
+    from aptune.memory import release_memory, reset_peak_rss
     from aptune.methods import BaselineConfig, build_method
     from aptune.tasks.lm_loss import use_chunked_loss
     from aptune.train import TrainConfig, prepare
@@ -67,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             "rss_after_mb": status_mb("VmRSS"),
             "s": time.perf_counter() - started,
         }
-        reset_peak()
+        reset_peak_rss()
 
-    reset_peak()
+    reset_peak_rss()
     t = time.perf_counter()
     config = TrainConfig(
         model=args.model,

@@ -236,7 +236,8 @@ class APTController:
         # "taylor": the same passes also accumulate the gradient of every projection weight
         from .methods.llm_pruner.importance import WeightGradients  # the criterion LLM-Pruner's baseline uses
 
-        weights = WeightGradients(self.model) if c.one_shot_salience == "taylor" else contextlib.nullcontext()
+        taylor = c.one_shot_salience == "taylor"
+        weights = WeightGradients(self.model) if taylor else contextlib.nullcontext()
         with weights:
             total, n, rows, inputs = self._score_passes(passes, split, me, lockstep, trainable)
             if processes > 1:
@@ -249,9 +250,7 @@ class APTController:
                 distributed.all_reduce_(total.tensors(), "sum")
             if n == 0:
                 raise ValueError("calibration got no batches")
-            if isinstance(
-                weights, WeightGradients
-            ):  # heads and neurons by Taylor, hidden channels by salience
+            if taylor:  # heads and neurons by Taylor, hidden channels by salience
                 distributed.all_reduce_(weights.gradients(), "sum")
                 heads, neurons = weights.scores()
                 total = BlockScores(

@@ -94,26 +94,36 @@ def copy_out_of_file_maps(model: torch.nn.Module) -> int:
     return copied
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """The peak since the start or the last :func:`reset_peak_memory`: CUDA max allocated on a GPU, the process's
-    peak resident memory on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def peak_rss_mb() -> float:
+    """The process's peak resident memory since it started or since :func:`reset_peak_rss`, in MiB."""
     import resource
 
     scale = 2**20 if sys.platform == "darwin" else 2**10  # macOS reports bytes, Linux KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def reset_peak_memory(device: torch.device) -> bool:
-    """Start a new peak for :func:`peak_memory_mb`; False where that cannot be done (a CPU other than Linux's).
-    On Linux the process's resident peak is reset through ``/proc/self/clear_refs``."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
+def reset_peak_rss() -> bool:
+    """Reset the resident-memory high-water mark to the current RSS through ``/proc/self/clear_refs`` (Linux
+    4.0 and later; it resets ``ru_maxrss`` too); False where that cannot be done."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
     return True
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The peak since the start or the last :func:`reset_peak_memory`: CUDA max allocated on a GPU, the process's
+    peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak for :func:`peak_memory_mb`; False where that cannot be done (a CPU other than Linux's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    return reset_peak_rss()

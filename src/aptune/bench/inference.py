@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,20 +43,6 @@ def _status_mb(key: str) -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the resident-memory high-water mark to the current RSS (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _peak_rss_mb() -> float:
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _KIB
 
 
 def load_reference(source: str, like: Any, dtype: str = "float32") -> Any:
@@ -95,6 +80,7 @@ def measure_saved_model(
 
     from ..compact import load_pruned
     from ..evaluate import compare_throughput, measure_throughput
+    from ..memory import peak_rss_mb, reset_peak_rss
 
     for name, value in (("batch_size", batch_size), ("length", length), ("runs", runs)):
         if value < 1:
@@ -109,7 +95,7 @@ def measure_saved_model(
         raise ValueError(f"inference length {length} exceeds the model's {max_positions} positions")
     weights_mb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
     rss_after = _status_mb("VmRSS")
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     speed = measure_throughput(
         model, batch_size=batch_size, length=length, warmup=warmup, runs=runs, device=device, seed=seed
     )
@@ -123,7 +109,7 @@ def measure_saved_model(
     if speed.peak_memory_mb is not None:
         result["peak_memory_kind"] = "cuda_max_allocated"
     else:
-        peak = _peak_rss_mb()
+        peak = peak_rss_mb()
         result.update(
             rss_before_load_mb=rss_before,
             rss_after_load_mb=rss_after,

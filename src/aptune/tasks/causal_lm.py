@@ -21,7 +21,7 @@ from .. import distributed
 from ..config import ConfigError
 from ..evaluate import compare_throughput, quiet_transformers
 from .base import Task, TaskData, load_pretrained
-from .lm_loss import chunked_loss_unsupported, summed_lm_head_loss
+from .lm_loss import chunked_loss_unsupported, decoder_body, summed_lm_head_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainConfig
@@ -53,7 +53,7 @@ def labelled_perplexity(
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
         labels = batch.pop("labels")
         if chunked:
-            hidden = getattr(inner, inner.base_model_prefix)(**batch).last_hidden_state
+            hidden = decoder_body(inner)(**batch).last_hidden_state
             loss, n = summed_lm_head_loss(hidden, inner.lm_head, labels)
         else:
             logits = model(**batch).logits[:, :-1].float()

@@ -63,9 +63,19 @@ def chunked_loss_unsupported(model: nn.Module) -> str | None:
         return "the model has no decoder body and nn.Linear lm_head"
     if getattr(config, "final_logit_softcapping", None):
         return "the model soft-caps its logits"
-    if type(head.weight).__name__ == "DTensor":
+    if _sharded_head(model):
         return "the LM head is sharded (FSDP)"
     return None
+
+
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The decoder under a causal LM's head (``model.model`` for the LLaMA family)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def _sharded_head(model: nn.Module) -> bool:
+    """Whether the LM head's weight is an FSDP shard, which only the head's own forward gathers."""
+    return type(model.lm_head.weight).__name__ == "DTensor"
 
 
 def use_chunked_loss(model: nn.Module) -> bool:
@@ -109,7 +119,7 @@ class ChunkedLossForward:
             or any(kwargs.get(flag) for flag in _FULL_OUTPUT_FLAGS)
             or not _all_positions(kwargs.get("logits_to_keep"))
             or kwargs.get("return_dict") is False
-            or type(model.lm_head.weight).__name__ == "DTensor"
+            or _sharded_head(model)
         ):
             return type(model).forward(model, *args, labels=labels, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -118,7 +128,7 @@ class ChunkedLossForward:
         kwargs.pop("return_dict", None)
         num_items = kwargs.get("num_items_in_batch")  # the model's own forward hands these to the body too
         shift_labels = kwargs.pop("shift_labels", None)
-        out = getattr(model, model.base_model_prefix)(**kwargs)
+        out = decoder_body(model)(**kwargs)
         loss = lm_head_loss(
             out.last_hidden_state,
             model.lm_head,
