@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import aptune
 from aptune.cli import main
+from aptune.memory import DEFAULT_CPU_MMAP_THRESHOLD, mmap_threshold_from_environment
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +133,13 @@ def test_the_chunked_loss_trains_as_the_models_own(lm_folder, method):
     extra = ["--method", method, "--max-length", "128"]
     extra += ["--epochs", "2", "--density", "0.6", *APT] if method == "apt" else ["--epochs", "1"]
     chunked = train(lm_folder, "chat", *extra)
-    own = train(lm_folder, "chat", *extra, "--no-chunked-lm-loss")
+    own = train(lm_folder, "chat", *extra, "--no-chunked-lm-loss", "--cpu-mmap-threshold", "0")
     assert chunked["chunked_lm_loss"] is True and own["chunked_lm_loss"] is False
+    # a CPU run fixes glibc's mmap threshold (unless the environment sets it); 0 leaves glibc's own
+    glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    fixed = glibc and not mmap_threshold_from_environment()
+    assert chunked["cpu_mmap_threshold"] == (DEFAULT_CPU_MMAP_THRESHOLD if fixed else None)
+    assert own["cpu_mmap_threshold"] is None
     phases = chunked["peak_memory_phases_mb"]  # the peak from loading to the last step, split in two phases
     assert chunked["peak_memory_mb"] == max(phases["load_and_setup"], phases["training_steps"])
     assert 0 < phases["training_steps"] <= chunked["peak_memory_mb"]

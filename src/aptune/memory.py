@@ -13,6 +13,17 @@ still use the mapping, so the dense checkpoint stayed resident beside its pruned
 held its 513 MiB of file pages besides the pruned weights. :func:`copy_out_of_file_maps` (run at the end
 of every physical removal, :func:`aptune.compact.compact`) copies the tensors still in a mapping, whose last
 user then drops it. Loading stays free (no copy until something is pruned); on a GPU there is nothing to do.
+
+The heap itself: glibc serves an allocation from a mapping of its own (returned to the system when freed) only
+above its mmap threshold, and by default that threshold moves. It starts at 128 KiB and, each time a mapped
+block is freed, rises to that block's size (up to 32 MiB). After the first training step has freed a 12 MiB
+activation, every tensor up to 12 MiB is carved from the heap. Pruning changes the tensors' sizes at each
+checkpoint (per-layer widths give every layer sizes of its own), freed blocks of the old sizes are split and
+scattered, and the heap's resident pages grow far past the live tensors: MiniLM pruned to 40 % peaked at
+2237 MiB RSS while a ``malloc_trim`` at the end left 602. :func:`set_mmap_threshold` fixes the threshold
+(what ``MALLOC_MMAP_THRESHOLD_`` does), so the activation-sized tensors come from mappings of their own and go
+back when freed; the same run then peaked at 1543 MiB, in the same training time. ``aptune train`` sets it
+for CPU runs (``TrainConfig.cpu_mmap_threshold``), unless the user has set it in the environment.
 """
 
 from __future__ import annotations
@@ -20,26 +31,59 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 import sys
 
 import torch
 
 _libc = None
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc refuses larger thresholds on 64-bit systems
+DEFAULT_CPU_MMAP_THRESHOLD = 4 * 2**20  # aptune train on the CPU: tensors of 4 MiB or more get a mapping
 
 
-def _malloc_trim() -> bool:
+def _glibc_function(name: str):
+    """A function of the C library, or None off Linux or where the library has no such function."""
     global _libc
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     if _libc is None:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         except OSError:
             _libc = False
-    trim = getattr(_libc, "malloc_trim", None) if _libc else None
+    return getattr(_libc, name, None) if _libc else None
+
+
+def _malloc_trim() -> bool:
+    trim = _glibc_function("malloc_trim")
     if trim is None:
         return False
     return bool(trim(0))
+
+
+def mmap_threshold_from_environment() -> bool:
+    """Whether the user set glibc's mmap threshold for this process (``MALLOC_MMAP_THRESHOLD_`` or
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...``)."""
+    return "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    )
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold at ``nbytes`` for the rest of the process (see the module's docstring); True
+    when it was set. Allocations of at least ``nbytes`` then get a mapping of their own, unmapped when freed,
+    so the process's resident memory follows its live tensors instead of the heap's high-water mark. It also
+    stops glibc from moving the threshold. Nothing is changed off glibc, or where the user set the threshold
+    in the environment (their setting wins)."""
+    if not 0 < nbytes <= MAX_MMAP_THRESHOLD:
+        raise ValueError(f"the mmap threshold must be between 1 and {MAX_MMAP_THRESHOLD} bytes, got {nbytes}")
+    if mmap_threshold_from_environment():
+        return False
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))
 
 
 def release_memory() -> None:

@@ -45,7 +45,13 @@ from .checkpoint import (
 )
 from .compact import load_state_strictly, save_pruned, shape_and_ranks
 from .config import ADAPTER_ROLES, APTConfig, ConfigError
-from .memory import peak_memory_mb, reset_peak_memory
+from .memory import (
+    DEFAULT_CPU_MMAP_THRESHOLD,
+    MAX_MMAP_THRESHOLD,
+    peak_memory_mb,
+    reset_peak_memory,
+    set_mmap_threshold,
+)
 from .methods import BaselineConfig, build_method, check_supported, lr_factor, method_info, method_names
 from .sharding import check_sharded, full_state_dict, load_full_state_dict, local_numel, shard_model
 from .tasks import TaskData
@@ -106,6 +112,9 @@ class TrainConfig:
     )
     cpu: bool = False  # force CPU even when a GPU is present
     fsdp: bool = False  # shard the frozen weights over the processes (FSDP2; apt and lora)
+    cpu_mmap_threshold: int = DEFAULT_CPU_MMAP_THRESHOLD  # CPU runs: glibc's mmap threshold in bytes, fixed
+    # so that freed activations go back to the system (aptune.memory.set_mmap_threshold); 0 leaves glibc's
+    # own moving threshold. MALLOC_MMAP_THRESHOLD_ in the environment wins.
     measure_speed: bool = True  # time dense vs final model at inference after training
     progress: bool = True
     save_every: int | None = None  # write a resumable checkpoint every N optimizer steps
@@ -156,6 +165,11 @@ class TrainConfig:
             raise ConfigError(f"unknown LoRA targets {bad}; choose from {', '.join(ADAPTER_ROLES)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.cpu_mmap_threshold <= MAX_MMAP_THRESHOLD:
+            raise ConfigError(
+                f"cpu_mmap_threshold must be between 0 (glibc's own) and {MAX_MMAP_THRESHOLD} bytes, "
+                f"got {self.cpu_mmap_threshold}"
+            )
 
     @property
     def lr(self) -> float:
@@ -494,6 +508,14 @@ def train(
             config.method, method_info(config.method).sharded, apt, distributed.launched_processes()
         )
     set_seed(config.seed)
+    # on the CPU, freed activations go back to the system, so the process's memory follows the (pruned) model
+    heap_threshold = (
+        config.cpu_mmap_threshold
+        if config.cpu_mmap_threshold
+        and (config.cpu or not torch.cuda.is_available())
+        and set_mmap_threshold(config.cpu_mmap_threshold)
+        else None
+    )
     out = Path(config.output_dir)
     saved = None
     if config.resume:
@@ -724,6 +746,7 @@ def train(
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         # loading and setup (building the method: calibration, one-shot pruning), then the training steps
         "peak_memory_phases_mb": {"load_and_setup": setup_peak, "training_steps": steps_peak},
+        "cpu_mmap_threshold": heap_threshold,  # glibc's mmap threshold aptune set, None when it set none
         "chunked_lm_loss": chunked_loss,  # the causal-LM loss computed without the logits
         "processes": processes,  # peak memory and times are process 0's
         "sharding": {"kind": "fsdp", "params_per_process": sharding_report} if sharded else None,

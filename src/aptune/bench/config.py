@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..memory import MAX_MMAP_THRESHOLD
 from .variants import REFERENCES, base_method, default_methods, variants
 
-MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc ignores larger values on 64-bit systems
 TASKS = ("classification", "causal-lm", "qa")  # the tasks the bench has a report for (aptune.tasks)
 LM_ONLY = ("eval_stride", "eval_mc", "eval_limit")  # settings that only a causal-LM bench uses
 
