@@ -1,10 +1,12 @@
 """Process memory (RSS) of one CPU training run, sampled over time, and how much of it is free heap.
 
     python benchmarks/rss_probe.py apt                          # 1 epoch of MiniLM on rt-polarity, density 0.4
-    MALLOC_MMAP_THRESHOLD_=4194304 python benchmarks/rss_probe.py lora
+    python benchmarks/rss_probe.py apt --cpu-mmap-threshold 0   # glibc's own moving threshold
+    MALLOC_ARENA_MAX=1 python benchmarks/rss_probe.py lora      # the environment's glibc settings apply as usual
 
 Trains with ``aptune.train`` (no self-distillation, 4 evaluations per epoch) while a thread reads ``VmRSS`` and
-``VmHWM`` from ``/proc/self/status`` twice a second. Prints the run's peak RSS, its training time, a coarse RSS
+``VmHWM`` from ``/proc/self/status`` twice a second. Like ``aptune train``, it fixes glibc's mmap threshold at
+4 MiB unless ``--cpu-mmap-threshold`` says otherwise (0: glibc's own) or ``MALLOC_MMAP_THRESHOLD_`` is set. Prints the run's peak RSS, its training time, a coarse RSS
 trace, and the RSS just before and after one ``malloc_trim(0)`` at the end: what the trim gives back is heap that
 glibc kept after the tensors in it were freed. Linux only.
 """
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prune-hidden", action=argparse.BooleanOptionalAction, default=None, help="APT's hidden pruning"
     )
+    parser.add_argument("--cpu-mmap-threshold", type=int, default=None, help="bytes; 0 leaves glibc's own")
     args = parser.parse_args(argv)
 
     from aptune.config import APTConfig
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_speed=False,
         progress=False,
         cpu=True,
+        **({} if args.cpu_mmap_threshold is None else {"cpu_mmap_threshold": args.cpu_mmap_threshold}),
     )
     knobs = {"shape": args.shape} if args.shape else {}
     if args.ffn_multiple:

@@ -130,7 +130,8 @@ def test_resume_latest_in_the_output_folder_and_keep_checkpoints(task, tmp_path)
     ]  # the two newest of 3, 6, ..., 21 (24 is the end)
     shutil.rmtree(out / "model")
     (out / "report.json").unlink()
-    assert main(argv(task, out, *flags, "--resume")) == 0  # --resume alone: the newest in --output
+    # --resume alone: the newest in --output; where the allocator puts tensors may change on resumption
+    assert main(argv(task, out, *flags, "--resume", "--cpu-mmap-threshold", "0")) == 0
     assert report(out)["resumed_from"][0]["step"] == 21
 
 

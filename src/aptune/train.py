@@ -444,8 +444,17 @@ def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Para
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
-# Settings that may differ between a run and its resumption: where it writes and what it reports.
-RESUMABLE_CHANGES = ("output_dir", "resume", "save_every", "keep_checkpoints", "progress", "measure_speed")
+# Settings that may differ between a run and its resumption: where it writes, what it reports, and where the
+# allocator puts tensors (not what is computed).
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "resume",
+    "save_every",
+    "keep_checkpoints",
+    "progress",
+    "measure_speed",
+    "cpu_mmap_threshold",
+)
 
 
 def run_configs(

@@ -105,8 +105,9 @@ _VALUE_FLAGS: tuple[tuple[str, tuple[str, ...], Any, str], ...] = (
         "mmap_threshold",
         ("--mmap-threshold",),
         int,
-        "set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the children: CPU peak RSS then follows live tensors, "
-        "not heap fragmentation, but CPU training runs slower (a memory run, not a timing run)",
+        "set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the children, instead of the 4 MiB that aptune train "
+        "fixes on the CPU: 131072 makes CPU peak RSS follow live tensors, but CPU training runs slower (a memory "
+        "run, not a timing run)",
     ),
     (
         "save_every",
