@@ -136,7 +136,7 @@ def test_the_chunked_loss_trains_as_the_models_own(lm_folder, method):
     own = train(lm_folder, "chat", *extra, "--no-chunked-lm-loss", "--cpu-mmap-threshold", "0")
     assert chunked["chunked_lm_loss"] is True and own["chunked_lm_loss"] is False
     # a CPU run fixes glibc's mmap threshold (unless the environment sets it); 0 leaves glibc's own
-    glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    glibc = sys.platform.startswith("linux") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     fixed = glibc and not mmap_threshold_from_environment()
     assert chunked["cpu_mmap_threshold"] == (DEFAULT_CPU_MMAP_THRESHOLD if fixed else None)
     assert own["cpu_mmap_threshold"] is None
