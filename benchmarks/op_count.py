@@ -1,0 +1,145 @@
+"""How many tensor operations one dense-phase training step runs: APT against PEFT LoRA on the same projections.
+
+    python benchmarks/op_count.py                      # MiniLM, batch 8 x 32, adapters on q, v, up
+    python benchmarks/op_count.py --top 20             # also the operations APT adds, by phase
+
+A small model's step on a GPU is bound by kernel launches, so the number of operations that launch kernels is
+a device-free proxy for APT's overhead there. Every ATen call of one step (after warm-up) is counted through a
+``TorchDispatchMode``, by phase (forward, backward, APT's hooks after backward, clipping, optimizer). Views and
+host reads launch no kernel and are counted apart. The optimizer and clipping use their multi-tensor (foreach)
+kernels, as on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+
+import torch
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForSequenceClassification
+
+import aptune
+import aptune.assets
+from aptune.methods.plain import attach_peft_lora
+
+NO_KERNEL = {
+    "aten.view",
+    "aten._unsafe_view",
+    "aten.t",
+    "aten.transpose",
+    "aten.permute",
+    "aten.expand",
+    "aten.detach",
+    "aten.alias",
+    "aten.slice",
+    "aten.select",
+    "aten.unsqueeze",
+    "aten.squeeze",
+    "aten.as_strided",
+    "aten.split",
+    "aten.unbind",
+    "aten._local_scalar_dense",
+}
+
+
+class Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+        self.phase = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[(self.phase, str(func.overloadpacket))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="", help="dense model folder (default: the packaged MiniLM)")
+    parser.add_argument("--targets", nargs="+", default=["q", "v", "up"])
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--length", type=int, default=32)
+    parser.add_argument("--top", type=int, default=0, help="list the N operations APT adds most")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    transformers.utils.logging.set_verbosity_error()
+    path = args.model or str(aptune.assets.minilm_path())
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32).train()
+    config = aptune.APTConfig(
+        adapter_targets=tuple(args.targets), initial_rank=args.rank, distill=False, salience_start=0
+    )
+    controller = aptune.APTController(copy.deepcopy(base), config, total_steps=10_000, steps_per_epoch=1000)
+    lora = attach_peft_lora(copy.deepcopy(base), args.rank, args.targets)
+    apt_params = controller.trainable_parameters()
+    lora_params = [p for p in lora.parameters() if p.requires_grad]
+    apt_opt = torch.optim.AdamW(apt_params, lr=1e-4, foreach=True)
+    lora_opt = torch.optim.AdamW(lora_params, lr=1e-4, foreach=True)
+    g = torch.Generator().manual_seed(0)
+
+    def batch() -> dict[str, torch.Tensor]:
+        ids = torch.randint(5, base.config.vocab_size, (args.batch_size, args.length), generator=g)
+        labels = torch.randint(0, 2, (args.batch_size,), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def apt_step(c: Counter) -> None:
+        c.phase = "forward"
+        controller.before_forward()
+        loss = controller.compute_loss(batch())
+        c.phase = "backward"
+        loss.backward()
+        c.phase = "after backward"
+        controller.after_backward()
+        c.phase = "clip"
+        torch.nn.utils.clip_grad_norm_(apt_params, 1.0, foreach=True)
+        c.phase = "optimizer"
+        apt_opt.step()
+        apt_opt.zero_grad(set_to_none=True)
+        c.phase = "after step"
+        if controller.after_step():
+            raise RuntimeError("the structure changed: the step left the dense phase")
+
+    def lora_step(c: Counter) -> None:
+        c.phase = "forward"
+        loss = lora(**batch()).loss
+        c.phase = "backward"
+        loss.backward()
+        c.phase = "clip"
+        torch.nn.utils.clip_grad_norm_(lora_params, 1.0, foreach=True)
+        c.phase = "optimizer"
+        lora_opt.step()
+        lora_opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up: optimizer states, caches
+        apt_step(Counter())
+        lora_step(Counter())
+    kernels = {}
+    for name, step in (("apt", apt_step), ("lora", lora_step)):
+        counter = Counter()
+        with counter:
+            step(counter)
+        kernels[name] = collections.Counter(
+            {key: n for key, n in counter.counts.items() if key[1] not in NO_KERNEL}
+        )
+        by_phase = collections.Counter()
+        for (phase, _), n in kernels[name].items():
+            by_phase[phase] += n
+        views = sum(counter.counts.values()) - sum(kernels[name].values())
+        print(
+            f"{name}: {sum(kernels[name].values())} kernel ops ({dict(by_phase)}), {views} views and host reads"
+        )
+    ratio = sum(kernels["apt"].values()) / sum(kernels["lora"].values())
+    print(f"APT / LoRA kernel ops: {ratio:.3f}")
+    if args.top:
+        added = kernels["apt"] - kernels["lora"]
+        for (phase, op), n in added.most_common(args.top):
+            print(f"  +{n:4d}  {phase:15s} {op}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
