@@ -86,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.randint(0, 2, (args.batch_size,), generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
+    def clip_and_update(
+        c: Counter, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer
+    ) -> None:
+        c.phase = "clip"
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        c.phase = "optimizer"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     def apt_step(c: Counter) -> None:
         c.phase = "forward"
         controller.before_forward()
@@ -94,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         c.phase = "after backward"
         controller.after_backward()
-        c.phase = "clip"
-        torch.nn.utils.clip_grad_norm_(apt_params, 1.0, foreach=True)
-        c.phase = "optimizer"
-        apt_opt.step()
-        apt_opt.zero_grad(set_to_none=True)
+        clip_and_update(c, apt_params, apt_opt)
         c.phase = "after step"
         if controller.after_step():
             raise RuntimeError("the structure changed: the step left the dense phase")
@@ -108,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = lora(**batch()).loss
         c.phase = "backward"
         loss.backward()
-        c.phase = "clip"
-        torch.nn.utils.clip_grad_norm_(lora_params, 1.0, foreach=True)
-        c.phase = "optimizer"
-        lora_opt.step()
-        lora_opt.zero_grad(set_to_none=True)
+        clip_and_update(c, lora_params, lora_opt)
 
     for _ in range(3):  # warm-up: optimizer states, caches
         apt_step(Counter())
