@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import aptune
 from aptune.cli import main
-from aptune.memory import DEFAULT_CPU_MMAP_THRESHOLD, mmap_threshold_from_environment
+from aptune.memory import DEFAULT_CPU_MMAP_THRESHOLD, mmap_threshold_from_environment, on_glibc
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +134,7 @@ def test_the_chunked_loss_trains_as_the_models_own(lm_folder, method):
     own = train(lm_folder, "chat", *extra, "--no-chunked-lm-loss", "--cpu-mmap-threshold", "0")
     assert chunked["chunked_lm_loss"] is True and own["chunked_lm_loss"] is False
     # a CPU run fixes glibc's mmap threshold (unless the environment sets it); 0 leaves glibc's own
-    glibc = sys.platform.startswith("linux") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-    fixed = glibc and not mmap_threshold_from_environment()
+    fixed = on_glibc() and not mmap_threshold_from_environment()
     assert chunked["cpu_mmap_threshold"] == (DEFAULT_CPU_MMAP_THRESHOLD if fixed else None)
     assert own["cpu_mmap_threshold"] is None
     phases = chunked["peak_memory_phases_mb"]  # the peak from loading to the last step, split in two phases

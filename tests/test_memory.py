@@ -25,19 +25,10 @@ from aptune.memory import (
     MAX_MMAP_THRESHOLD,
     copy_out_of_file_maps,
     mmap_threshold_from_environment,
+    on_glibc,
     set_mmap_threshold,
 )
 from aptune.train import TrainConfig
-
-
-def _glibc() -> bool:
-    try:
-        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-    except (ValueError, OSError, AttributeError):
-        return False
-
-
-GLIBC = sys.platform.startswith("linux") and _glibc()
 
 
 def mapped_ranges(suffix: str) -> list[tuple[int, int]]:
@@ -127,7 +118,7 @@ def _fragmentation(threshold: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc's allocator")
+@pytest.mark.skipif(not on_glibc(), reason="glibc's allocator")
 def test_a_fixed_mmap_threshold_gives_freed_tensors_back():
     moving = _fragmentation(0)
     fixed = _fragmentation(DEFAULT_CPU_MMAP_THRESHOLD)

@@ -42,10 +42,20 @@ MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc refuses larger thresholds on 64-bit sys
 DEFAULT_CPU_MMAP_THRESHOLD = 4 * 2**20  # aptune train on the CPU: tensors of 4 MiB or more get a mapping
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on glibc, whose allocator the functions here tune (Linux, not musl)."""
+    try:
+        return sys.platform.startswith("linux") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith(
+            "glibc"
+        )
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
 def _glibc_function(name: str):
-    """A function of the C library, or None off Linux or where the library has no such function."""
+    """A function of glibc, or None off glibc or where it has no such function."""
     global _libc
-    if not sys.platform.startswith("linux"):
+    if not on_glibc():
         return None
     if _libc is None:
         try:
