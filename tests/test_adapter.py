@@ -11,7 +11,14 @@ from conftest import first_output, tiny_batch, tiny_model
 from torch import nn
 
 import aptune
-from aptune.adapter import APTLinear, adapter_importance, adapter_param_count, merge_adapters, wrap_linear
+from aptune.adapter import (
+    APTLinear,
+    adapter_importance,
+    adapter_param_count,
+    merge_adapters,
+    rank_saliences,
+    wrap_linear,
+)
 from aptune.compact import slice_linear
 from aptune.distill import identity_transform
 
@@ -163,6 +170,23 @@ def test_rank_salience_brute_force():
     torch.testing.assert_close(sal, from_B, atol=1e-4, rtol=1e-4)  # same from A or B (spec §6.1)
     torch.testing.assert_close(adapter_importance(ad), expected.mean(), atol=1e-5, rtol=1e-5)
     assert sal.min() > 0
+
+
+def test_rank_saliences_of_many_adapters_match_each_one():
+    """The batched per-step computation (one product for all adapters, one reduction per input width) gives
+    every adapter its own ranks' salience, in order, whatever the widths, ranks and missing gradients."""
+    shapes = [(7, 5, 3), (9, 4, 2), (7, 6, 4), (9, 5, 1), (7, 3, 2)]  # (in, out, rank): two input widths
+    adapters = [make_adapter(in_f=i, out_f=o, rank=r, seed=k) for k, (i, o, r) in enumerate(shapes)]
+    for k, ad in enumerate(adapters):
+        if k == 3:
+            continue  # no gradient: zeros of its rank
+        x = torch.randn(6, ad.base.in_features)
+        (ad(x) ** 2).sum().backward()
+    got = rank_saliences(adapters)
+    assert [len(s) for s in got] == [r for _, _, r in shapes]
+    for k, (ad, sal) in enumerate(zip(adapters, got, strict=True)):
+        torch.testing.assert_close(sal, ad.rank_salience(), atol=0, rtol=1e-6)
+        assert bool((sal > 0).all()) == (k != 3)
 
 
 def test_wrap_and_merge_in_bert():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_batch, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import aptune
+import aptune.salience
 from aptune.salience import (
     BlockScores,
     SalienceCollector,
@@ -109,7 +112,18 @@ def test_ema_weights():
     assert torch.equal(ema(None, torch.tensor([2.0])), torch.tensor([2.0]))
 
 
-def test_collector_matches_brute_force():
+# Both of the collector's device paths, run here on the CPU: the host's (abs + sum, a padding-free mask skipped)
+# and an accelerator's (a 1-norm reduction; the mask always applied, since reading it would cost a sync).
+PATHS = pytest.mark.parametrize("host_side", [True, False], ids=["host-path", "accelerator-path"])
+
+
+def use_path(monkeypatch, host_side: bool) -> None:
+    monkeypatch.setattr(aptune.salience, "_host_side", lambda x: host_side)
+
+
+@PATHS
+def test_collector_matches_brute_force(monkeypatch, host_side):
+    use_path(monkeypatch, host_side)
     model = tiny_model("BertForSequenceClassification", seed=4)
     model.train()
     batch = tiny_batch(2)  # one padded row
@@ -133,8 +147,10 @@ def test_collector_matches_brute_force():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_scores_do_not_depend_on_padding():
+@PATHS
+def test_scores_do_not_depend_on_padding(monkeypatch, host_side):
     """Padding the same examples to the longest row or to a fixed length gives the same scores (finding 6)."""
+    use_path(monkeypatch, host_side)
     model = tiny_model("BertForSequenceClassification", seed=4)
     model.train()
     labels = torch.tensor([0, 2, 1])
@@ -211,3 +227,66 @@ def test_masked_heads_lose_salience():
     torch.nn.functional.cross_entropy(model(**tiny_batch(2)).logits, torch.tensor([0, 2, 1])).backward()
     scores = collector.scores()
     assert scores.heads[0][1] == 0 and bool((scores.heads[0][[0, 2, 3]] > 0).all())
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operations that run inside it and would launch a kernel on a GPU (not views)."""
+
+    VIEWS = {
+        "detach",
+        "view",
+        "_unsafe_view",
+        "alias",
+        "unsqueeze",
+        "squeeze",
+        "slice",
+        "select",
+        "split",
+        "split_with_sizes",
+        "expand",
+        "t",
+        "transpose",
+        "permute",
+        "as_strided",
+        "unbind",
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in self.VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def scoring_ops(layers: int) -> tuple[int, int]:
+    """(operations the collector adds to one forward and backward, operations of ``scores()``) for a tiny
+    BERT of ``layers`` layers, every site hooked (all parameters train), on one padded batch."""
+    model = tiny_model("BertForSequenceClassification", seed=4, num_hidden_layers=layers)
+    model.train()
+    batch, labels = tiny_batch(2), torch.tensor([0, 2, 1])
+    collector = SalienceCollector(model, aptune.describe(model), track_inputs=False)
+    counts = []
+    for active in (False, True):
+        collector.start() if active else collector.stop()
+        with _OpCounter() as counter:
+            torch.nn.functional.cross_entropy(model(**batch).logits, labels).backward()
+        counts.append(counter.count)
+        model.zero_grad()
+    with _OpCounter() as counter:
+        collector.scores()
+    collector.remove()
+    return counts[1] - counts[0], counter.count
+
+
+def test_scoring_launches_few_kernels_per_site_and_a_fixed_number_per_step(monkeypatch):
+    """On an accelerator, a small model's step is bound by kernel launches (issue 11, item 7): each hooked site
+    costs at most two operations in the forward (the padding mask, one 1-norm) and one in the backward, and
+    turning a step's sums into scores takes as many operations for 4 layers as for 2."""
+    use_path(monkeypatch, False)
+    hooks2, scores2 = scoring_ops(2)
+    hooks4, scores4 = scoring_ops(4)
+    sites_added = 2 * 4  # per layer: the heads' and the neurons' inputs, the q and up inputs (hidden)
+    assert hooks4 - hooks2 <= 3 * sites_added, (hooks2, hooks4)
+    assert scores4 == scores2, (scores2, scores4)

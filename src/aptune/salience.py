@@ -31,8 +31,10 @@ Decisions (see docs/apt.md, "Salience"):
   block's mask. Whether it is used at all is ``APTConfig.use_kurtosis``.
 
 Cost: per hooked site, a few length-``d`` vectors that stay on the model's device (no host sync per step);
-sums are accumulated in fp32 from activations in their own dtype. The outlier term needs one transient
-``d_out x d_in`` product per output projection, once per selection.
+sums are accumulated in fp32 from activations in their own dtype, with one reduction per site in the forward
+and one in the backward (a fused 1-norm on accelerators). Turning the sums into scores takes a fixed number of
+batched kernels, however many layers. The outlier term needs one transient ``d_out x d_in`` product per output
+projection, once per selection.
 """
 
 from __future__ import annotations
@@ -230,7 +232,7 @@ class SalienceCollector:
         if isinstance(mask, Tensor) and mask.dim() == 2:
             kept = mask.detach() != 0
             count = kept.sum()
-            if kept.device.type == "cpu" and bool(kept.all()):
+            if _host_side(kept) and bool(kept.all()):
                 kept = None  # no padding: nothing to leave out (checked only where it costs no sync)
         else:
             kept = None
@@ -336,12 +338,12 @@ class SalienceCollector:
 
     @torch.no_grad()
     def scores(self) -> BlockScores:
-        """This step's scores S~ (compressed product per real token), on the model's device; resets the sums."""
+        """This step's scores S~ (compressed product per real token), on the model's device; resets the sums.
+
+        A few fused or batched kernels for the whole model, not a few per site: one multi-tensor product for
+        every site, one reduction for all head units of one width, one for the hidden channels."""
         device = self._device()
         n = self._token_count(device)
-        hidden = torch.zeros(self.structure.hidden.size, device=device)
-        heads, neurons = [], []
-        # every product act * grad / n at once (a fused multi-tensor kernel on CUDA)
         sites = [
             a
             for a in [*self._heads, *self._neurons, *self._hidden]
@@ -350,12 +352,15 @@ class SalienceCollector:
         products = dict(
             zip(map(id, sites), _products([a.act for a in sites], [a.grad for a in sites], n), strict=True)
         )
-        for site, acc in zip(self.structure.attention, self._heads, strict=True):
-            score = products.get(id(acc))
-            if site.num_units and score is not None:
-                heads.append(score.view(site.num_units, site.unit_width).sum(1))
-            else:
-                heads.append(torch.zeros(site.num_units, device=device))
+        head_products = [
+            (products.get(id(acc)) if site.num_units else None, site.unit_width)
+            for site, acc in zip(self.structure.attention, self._heads, strict=True)
+        ]
+        heads = [
+            score if score is not None else torch.zeros(site.num_units, device=device)
+            for score, site in zip(_unit_sums(head_products), self.structure.attention, strict=True)
+        ]
+        neurons = []
         for site, acc in zip(self.structure.ffn, self._neurons, strict=True):
             score = products.get(id(acc))
             neurons.append(
@@ -366,6 +371,8 @@ class SalienceCollector:
         hidden_parts = [products[id(acc)] for acc in self._hidden if id(acc) in products]
         if hidden_parts:
             hidden = torch.stack(hidden_parts).sum(0)
+        else:
+            hidden = torch.zeros(self.structure.hidden.size, device=device)
         self.reset()
         return BlockScores(heads, neurons, hidden)
 
@@ -377,9 +384,23 @@ class SalienceCollector:
         return torch.device("cpu")
 
 
+def _host_side(x: Tensor) -> bool:
+    """Whether ``x`` lives where reading it costs no device synchronisation and a fused 1-norm is slow: the CPU.
+
+    The collector's two device-dependent choices follow it: on the host a padding-free mask is skipped (an
+    ``all()`` read is free there) and ``|x|`` is summed as ``abs`` + ``sum``; on an accelerator the mask is
+    always applied (no host read per step) and the sum is one 1-norm reduction kernel."""
+    return x.device.type == "cpu"
+
+
 def _abs_sum(x: Tensor, dims: tuple[int, ...], weights: Tensor | None = None) -> Tensor:
-    """``sum(|x| * weights)`` over ``dims``, in fp32, with one ``x``-sized temporary (the token weights are
-    applied in place). A 1-norm reduction would need none, but on the CPU it is 10x slower."""
+    """``sum(|x| * weights)`` over ``dims`` in fp32 (``weights``: per-token 0/1, broadcasting over ``x``).
+
+    On an accelerator this is a 1-norm reduction: one kernel, abs and the fp32 accumulation fused into it, no
+    temporary (two with weights: the weighted copy). On the CPU that reduction is about 10x slower than ``abs``
+    then ``sum``, which it uses instead, with the weights applied in place."""
+    if not _host_side(x):
+        return torch.linalg.vector_norm(x if weights is None else x * weights, 1, dims, dtype=torch.float32)
     a = x.abs()
     if weights is not None:
         a.mul_(weights)
@@ -401,6 +422,23 @@ def _products(acts: list[Tensor], grads: list[Tensor], n: Tensor) -> list[Tensor
         return [a * g / n for a, g in zip(acts, grads, strict=True)]
     out = mul(acts, grads)
     torch._foreach_div_(out, n)
+    return out
+
+
+def _unit_sums(products: Sequence[tuple[Tensor | None, int]]) -> list[Tensor | None]:
+    """Per-unit sums of per-channel scores: for each ``(scores, unit_width)``, ``scores`` summed over each run of
+    ``unit_width`` consecutive channels (None stays None). Sites of one width and device share one reduction."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (scores, width) in enumerate(products):
+        if scores is not None:
+            groups.setdefault((width, scores.device, scores.dtype), []).append(i)
+    out: list[Tensor | None] = [None] * len(products)
+    for (width, _, _), members in groups.items():
+        flat = torch.cat([products[i][0] for i in members]) if len(members) > 1 else products[members[0]][0]
+        sums = flat.view(-1, width).sum(1)
+        sizes = [products[i][0].numel() // width for i in members]
+        for i, part in zip(members, sums.split(sizes), strict=True):
+            out[i] = part
     return out
 
 
