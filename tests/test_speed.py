@@ -127,6 +127,29 @@ def test_the_models_alternate_after_warming_up_both():
     assert calls == ["dense", "pruned"] * 5
 
 
+def test_both_models_run_as_loaded_and_a_trained_models_frozen_flags_come_back():
+    """A trained model is frozen (no parameter requires grad) and a dense reference fresh from disk is not. The
+    flag changes PyTorch's kernels even without autograd (a strided 3-D input to a linear layer is folded into
+    one matrix product only when the weight requires grad: a causal LM's head on the last position ran 4x
+    slower frozen), so both run in the loaded state, and the trained model's flags are restored after."""
+    seen = []
+    dense, pruned = twins()
+    for p in pruned.parameters():
+        p.requires_grad_(False)
+    # one mixed flag, to check that each comes back
+    pruned.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+    before = [p.requires_grad for p in pruned.parameters()]
+
+    def call(model, ids, mask):
+        seen.append(all(p.requires_grad for p in model.parameters()))
+        return model(input_ids=ids, attention_mask=mask)
+
+    compare_throughput(dense, pruned, BATCH, LENGTH, warmup=1, runs=2, call=call)
+    assert seen == [True] * 6
+    assert [p.requires_grad for p in pruned.parameters()] == before
+    assert all(p.requires_grad for p in dense.parameters())
+
+
 def test_the_comparison_records_every_ratio_and_its_spread():
     dense, pruned = twins()
     result = compare_throughput(dense, pruned, BATCH, LENGTH, warmup=1, runs=4)
