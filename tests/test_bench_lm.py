@@ -54,6 +54,23 @@ def test_shape_variants_exist_for_every_method_that_takes_a_shape():
     assert "lora-uniform" not in registry and "full-uniform" not in registry
 
 
+def test_the_gpu_lm_preset_is_issue_15s_measurement(shared, tmp_path):
+    """SmolLM2 at 8 x 512 in bf16: dense LoRA against APT pruned once to 0.7 in the uniform shape, on the GPU."""
+    config = build_config("gpu-lm")
+    assert config.task == "causal-lm" and config.reference_method == "lora" and not config.cpu
+    assert config.methods == ("lora", "apt-uniform")
+    assert (config.target_density, config.batch_size, config.max_length) == (0.7, 8, 512)
+    for name in config.methods:
+        command = train_command(config, name, tmp_path / name, "/models/smollm2")
+        assert command[command.index("--dtype") + 1] == "bfloat16"
+        assert command[command.index("--batch-size") + 1] == "8"
+        assert command[command.index("--max-length") + 1] == "512"
+        assert "--cpu" not in command and "--measure-speed" in command
+    apt = train_command(config, "apt-uniform", tmp_path / "apt", "/models/smollm2")
+    assert apt[apt.index("--method") + 1] == "apt" and apt[apt.index("--shape") + 1] == "uniform"
+    assert apt[apt.index("--target-density") + 1] == "0.7"
+
+
 def test_the_cpu_lm_preset_resolves_the_shared_data_and_passes_the_lm_flags(shared, tmp_path):
     config = build_config("cpu-lm", None, {"method_args": {"apt": ("--learning-rate", "2e-4")}})
     assert config.task == "causal-lm" and config.reference_method == "lora"
@@ -307,6 +324,7 @@ def test_lm_bench_records_every_lm_number(lm_bench, lm_task):
             setup + (m["train_time_s"] - setup) / (4 / m["steps_per_epoch"])
         )
         assert m["train_time_per_epoch_s"] > 0 and m["train_peak_memory_mb"] > 0
+        assert m["train_tokens_per_s"] > 0
         prefill, decode = m["inference"]["prefill"], m["inference"]["decode"]
         assert (prefill["batch_size"], prefill["length"]) == (8, 256)
         assert decode["batch_size"] == 8 and decode["new_tokens"] == 64

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import aptune
 from aptune.cli import main
 from aptune.memory import DEFAULT_CPU_MMAP_THRESHOLD, mmap_threshold_from_environment, on_glibc
+from aptune.train import _token_count
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,7 @@ def test_the_chunked_loss_trains_as_the_models_own(lm_folder, method):
     chunked = train(lm_folder, "chat", *extra)
     own = train(lm_folder, "chat", *extra, "--no-chunked-lm-loss", "--cpu-mmap-threshold", "0")
     assert chunked["chunked_lm_loss"] is True and own["chunked_lm_loss"] is False
+    assert 0 < chunked["train_tokens"] == own["train_tokens"]
     # a CPU run fixes glibc's mmap threshold (unless the environment sets it); 0 leaves glibc's own
     fixed = on_glibc() and not mmap_threshold_from_environment()
     assert chunked["cpu_mmap_threshold"] == (DEFAULT_CPU_MMAP_THRESHOLD if fixed else None)
@@ -148,6 +150,13 @@ def test_the_chunked_loss_trains_as_the_models_own(lm_folder, method):
     b = AutoModelForCausalLM.from_pretrained(own["out"] / "model")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.allclose(x, y, atol=1e-5), name
+
+
+def test_throughput_counts_real_tokens_only():
+    """Training tokens/s counts what the model reads: a padded row's real tokens, not its padding."""
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert _token_count({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}) == 6
+    assert _token_count({"input_ids": torch.zeros(3, 5, dtype=torch.long)}) == 15
 
 
 def test_gradient_accumulation_and_checkpointing_train(lm_folder):
@@ -167,6 +176,10 @@ def test_gradient_accumulation_and_checkpointing_train(lm_folder):
     )
     assert report["steps_per_epoch"] == report["steps"] // 2
     assert report["params_after"]["prunable"] <= int(0.6 * report["params_before"]["prunable"])
+    # packed text: every block is full, so each step trains 2 micro-batches x 2 rows x 32 tokens
+    assert report["train_tokens"] == report["steps"] * 2 * 2 * 32
+    steps_time = report["train_time_s"] - report["setup_time_s"]
+    assert report["train_tokens_per_s"] == pytest.approx(report["train_tokens"] / steps_time)
 
 
 def test_eval_command_scores_text_and_multiple_choice(lm_folder, capsys):

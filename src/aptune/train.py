@@ -344,6 +344,7 @@ class RunState:
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
     checkpoint_time_s: float = 0.0
+    train_tokens: int = 0  # real (non-padding) tokens of every training batch so far, all processes together
     losses: list[float] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=lambda: {"validation": None})
@@ -618,6 +619,7 @@ def train(
     while run.step < total:
         group = stream.next_group()
         started = time.perf_counter()
+        run.train_tokens += sum(_token_count(b) for b in group)
         lr = config.lr * lr_factor(run.step, total, config.warmup_ratio, method.lr_restarts)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -749,6 +751,9 @@ def train(
         "setup_time_s": run.setup_time_s,  # building the method: one-shot calibration and pruning, if any
         "eval_time_s": run.eval_time_s,
         "checkpoint_time_s": run.checkpoint_time_s,
+        "train_tokens": run.train_tokens,
+        # the training steps' throughput: tokens of the global batches per second of steps (setup excluded)
+        "train_tokens_per_s": _per_second(run.train_tokens, run.train_time_s - run.setup_time_s),
         "resumed_from": run.resumed_from,
         "train_losses": run.losses,  # the loss of every optimizer step
         "peak_memory_mb": peak_memory,
@@ -775,6 +780,20 @@ def train(
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     distributed.barrier()
     return report
+
+
+def _token_count(batch: dict[str, torch.Tensor]) -> int:
+    """The real tokens of a (host) batch: its attention mask's ones, else every input id (an encoder-decoder's
+    source side)."""
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return int(mask.sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def _per_second(count: float, seconds: float) -> float | None:
+    return count / seconds if count and seconds > 0 else None
 
 
 def _build(

@@ -117,6 +117,28 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lora": "--lora-targets q v gate",  # as in the APT paper's LLaMA LoRA baseline
         },
     },
+    # Issue 15's causal-LM measurement on one GPU: SmolLM2-135M, APT pruned once to 0.7 before tuning (the
+    # decoder recipe, uniform shape) against dense LoRA, batch 8 x 512, bf16 weights with fp32 adapters. The
+    # numbers it is for: CUDA max-allocated memory of the training steps and training tokens/s; held-out
+    # perplexity and prefill/decode speed against dense come with them.
+    "gpu-lm": {
+        "task": "causal-lm",
+        "model": "smollm2",
+        "data": "brown",
+        "methods": ["lora", "apt-uniform"],
+        "epochs": 1.0,
+        "max_steps": 200,
+        "batch_size": 8,
+        "max_length": 512,
+        "evals_per_epoch": 1,
+        "target_density": 0.7,
+        "eval_stride": 256,
+        "mixed_precision": "bf16",
+        "train_args": ["--dtype", "bfloat16"],
+        "method_args": {
+            "lora": "--lora-targets q v gate",  # as in the APT paper's LLaMA LoRA baseline
+        },
+    },
 }
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "float16")

@@ -166,6 +166,7 @@ def summarize_lm_report(report: Mapping[str, Any]) -> dict[str, Any]:
         ),
         "setup_time_s": report.get("setup_time_s"),
         "train_time_per_epoch_s": train_time_per_epoch(report),
+        "train_tokens_per_s": report.get("train_tokens_per_s"),
         "inference": speed,
     }
 

@@ -226,6 +226,7 @@ def lm_columns(results: Mapping[str, Any]) -> list[str]:
         f"ppl vs {ref}",
         *(f"{mc_label(f)} acc / acc_norm" for f in mc_files(results)),
         "train s/epoch",
+        "train tok/s",
         "train peak mem (MiB)",
         f"mem vs {ref}",
         "steps peak mem (MiB)",
@@ -259,6 +260,7 @@ def lm_table_row(name: str, entry: Mapping[str, Any], files: list[str], width: i
         _num(entry.get("perplexity_vs_ref"), ".3f", "x"),
         *(f"{mc[f]['acc']:.3f} / {mc[f]['acc_norm']:.3f}" if f in mc else DASH for f in files),
         _num(entry.get("train_time_per_epoch_s"), ".1f"),
+        _num(entry.get("train_tokens_per_s"), ".0f"),
         _num(entry.get("train_peak_memory_mb"), ".0f"),
         _num(entry.get("peak_memory_vs_ref"), ".2f", "x"),
         _num(entry.get("steps_peak_memory_mb"), ".0f"),
@@ -328,6 +330,10 @@ def lm_markdown(results: Mapping[str, Any]) -> str:
     if per_epoch and steps and steps < per_epoch:
         text += f"; the runs took {steps} of an epoch's {per_epoch} steps, so it is extrapolated"
     lines.append(text + ".")
+    lines.append(
+        "Train tok/s: the real (non-padding) tokens of every training batch per second of training steps "
+        "(setup and evaluation excluded)."
+    )
     kinds = sorted({e["train_peak_memory_kind"] for e in methods.values() if e.get("train_peak_memory_kind")})
     if kinds:
         lines.append(
