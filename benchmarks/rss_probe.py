@@ -6,9 +6,10 @@
 
 Trains with ``aptune.train`` (no self-distillation, 4 evaluations per epoch) while a thread reads ``VmRSS`` and
 ``VmHWM`` from ``/proc/self/status`` twice a second. Like ``aptune train``, it fixes glibc's mmap threshold at
-4 MiB unless ``--cpu-mmap-threshold`` says otherwise (0: glibc's own) or ``MALLOC_MMAP_THRESHOLD_`` is set. Prints the run's peak RSS, its training time, a coarse RSS
-trace, and the RSS just before and after one ``malloc_trim(0)`` at the end: what the trim gives back is heap that
-glibc kept after the tensors in it were freed. Linux only.
+4 MiB unless ``--cpu-mmap-threshold`` says otherwise (0: glibc's own) or ``MALLOC_MMAP_THRESHOLD_`` is set.
+Prints the run's peak RSS, its training time, a coarse RSS trace, and the RSS just before and after one
+``malloc_trim(0)`` at the end: what the trim gives back is heap that glibc kept after the tensors in it were
+freed. Linux only.
 """
 
 from __future__ import annotations

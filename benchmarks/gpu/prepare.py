@@ -59,17 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     source = minilm_path()
     # the same folder with every floating tensor in fp16: config and tokenizer files are copied as they are
-    (out / "minilm").mkdir(parents=True, exist_ok=True)
-    for f in source.iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            shutil.copy2(f, out / "minilm" / f.name)
+    copy_model_files(source, out / "minilm")
     tensors = load_file(str(source / "model.safetensors"))
     half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(half, str(out / "minilm" / "model.safetensors"), metadata={"format": "pt"})
-    data = Path(args.data)
-    if not (data / "train.jsonl").is_file():
-        raise SystemExit(f"no rt-polarity splits in {data}; pass --data FOLDER")
-    shutil.copytree(data, out / "data" / "rt-polarity", dirs_exist_ok=True)
+    copy_splits(Path(args.data), out / "data" / "rt-polarity", "--data")
     download_wheels(out / "wheels", WHEELS)
     exclude(out)
     report(out)
@@ -115,18 +109,33 @@ def download_wheels(folder: Path, names: tuple[str, ...]) -> None:
     subprocess.run(command, check=True)
 
 
-def write_lm(out: Path, brown: Path) -> None:
-    """SmolLM2's config and tokenizer files (not its weights) and the Brown splits."""
-    from aptune.assets import smollm2_path
-
-    if not (brown / "train.jsonl").is_file():
-        raise SystemExit(f"no Brown splits in {brown}; pass --brown FOLDER")
-    source = smollm2_path()
-    (out / "smollm2").mkdir(parents=True, exist_ok=True)
+def copy_model_files(source: Path, dest: Path) -> None:
+    """A model folder's config and tokenizer files (every plain file but the weights)."""
+    dest.mkdir(parents=True, exist_ok=True)
     for f in source.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors"):
-            shutil.copy2(f, out / "smollm2" / f.name)
-    shutil.copytree(brown, out / "data" / "brown", dirs_exist_ok=True)
+            shutil.copy2(f, dest / f.name)
+
+
+def copy_splits(source: Path, dest: Path, flag: str, rows: dict[str, int] | None = None) -> None:
+    """The train/validation/test JSON-lines files of ``source``: whole, or their first ``rows[split]`` rows."""
+    if not (source / "train.jsonl").is_file():
+        raise SystemExit(f"no data splits in {source}; pass {flag} FOLDER")
+    if rows is None:
+        shutil.copytree(source, dest, dirs_exist_ok=True)
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for split, n in rows.items():
+        lines = (source / f"{split}.jsonl").read_text().splitlines()[:n]
+        (dest / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def write_lm(out: Path, brown: Path, rows: dict[str, int] | None = None) -> None:
+    """SmolLM2's config and tokenizer files (not its weights) and the Brown splits (or their first rows)."""
+    from aptune.assets import smollm2_path
+
+    copy_model_files(smollm2_path(), out / "smollm2")
+    copy_splits(brown, out / "data" / "brown", "--brown", rows)
 
 
 def write_lm_weights(first: Path, second: Path) -> None:
@@ -160,8 +169,6 @@ def write_tiny(out: Path, data: Path, brown: Path) -> int:
 
     from aptune.assets import minilm_path
 
-    if not (data / "train.jsonl").is_file():
-        raise SystemExit(f"no rt-polarity splits in {data}; pass --data FOLDER")
     torch.manual_seed(0)
     config = BertConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, num_labels=2
@@ -170,10 +177,7 @@ def write_tiny(out: Path, data: Path, brown: Path) -> int:
     BertForSequenceClassification(config).save_pretrained(out / "minilm")
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out / "minilm")
     config.to_json_file(out / "tiny-bert-config.json")
-    (out / "data" / "rt-polarity").mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", 256), ("validation", 64), ("test", 64)):
-        lines = (data / f"{split}.jsonl").read_text().splitlines()[:rows]
-        (out / "data" / "rt-polarity" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    copy_splits(data, out / "data" / "rt-polarity", "--data", {"train": 256, "validation": 64, "test": 64})
     write_tiny_lm(out, brown)
     print(f"wrote tiny models and data to {out}")
     return 0
@@ -184,24 +188,12 @@ def write_tiny_lm(out: Path, brown: Path) -> None:
     makes random ones, as it does on the GPU when the real ones were not carried), and 40/6/6 Brown documents."""
     from transformers import AutoConfig
 
-    from aptune.assets import smollm2_path
-
-    if not (brown / "train.jsonl").is_file():
-        raise SystemExit(f"no Brown splits in {brown}; pass --brown FOLDER")
-    source = smollm2_path()
-    (out / "smollm2").mkdir(parents=True, exist_ok=True)
-    for f in source.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
-            shutil.copy2(f, out / "smollm2" / f.name)
-    config = AutoConfig.from_pretrained(source)
+    write_lm(out, brown, {"train": 40, "validation": 6, "test": 6})
+    config = AutoConfig.from_pretrained(out / "smollm2")
     # 6 query heads in 2 key/value groups of 3, as SmolLM2's 9 in 3
     shrunk = {"num_hidden_layers": 2, "hidden_size": 96, "intermediate_size": 192, "head_dim": 16}
     config.update({**shrunk, "num_attention_heads": 6, "num_key_value_heads": 2})
     config.save_pretrained(out / "smollm2")
-    (out / "data" / "brown").mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", 40), ("validation", 6), ("test", 6)):
-        lines = (brown / f"{split}.jsonl").read_text().splitlines()[:rows]
-        (out / "data" / "brown" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

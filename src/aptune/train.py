@@ -618,8 +618,8 @@ def train(
 
     while run.step < total:
         group = stream.next_group()
+        run.train_tokens += sum(_token_count(b) for b in group)  # host batches: no device sync, not timed
         started = time.perf_counter()
-        run.train_tokens += sum(_token_count(b) for b in group)
         lr = config.lr * lr_factor(run.step, total, config.warmup_ratio, method.lr_restarts)
         for g in optimizer.param_groups:
             g["lr"] = lr
