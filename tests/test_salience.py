@@ -260,12 +260,14 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def scoring_ops(layers: int) -> tuple[int, int]:
+def scoring_ops(layers: int, padded: bool = True) -> tuple[int, int]:
     """(operations the collector adds to one forward and backward, operations of ``scores()``) for a tiny
-    BERT of ``layers`` layers, every site hooked (all parameters train), on one padded batch."""
+    BERT of ``layers`` layers, every site hooked (all parameters train), on one batch with or without padding."""
     model = tiny_model("BertForSequenceClassification", seed=4, num_hidden_layers=layers)
     model.train()
     batch, labels = tiny_batch(2), torch.tensor([0, 2, 1])
+    if not padded:
+        batch["attention_mask"].fill_(1)
     collector = SalienceCollector(model, aptune.describe(model), track_inputs=False)
     counts = []
     for active in (False, True):
@@ -282,11 +284,48 @@ def scoring_ops(layers: int) -> tuple[int, int]:
 
 def test_scoring_launches_few_kernels_per_site_and_a_fixed_number_per_step(monkeypatch):
     """On an accelerator, a small model's step is bound by kernel launches (issue 11, item 7): each hooked site
-    costs at most two operations in the forward (the padding mask, one 1-norm) and one in the backward, and
-    turning a step's sums into scores takes as many operations for 4 layers as for 2."""
+    costs one 1-norm in the forward and one in the backward, plus a mask multiply in the forward only when the
+    batch has padding, and turning a step's sums into scores takes as many operations for 4 layers as for 2."""
     use_path(monkeypatch, False)
-    hooks2, scores2 = scoring_ops(2)
-    hooks4, scores4 = scoring_ops(4)
     sites_added = 2 * 4  # per layer: the heads' and the neurons' inputs, the q and up inputs (hidden)
-    assert hooks4 - hooks2 <= 3 * sites_added, (hooks2, hooks4)
-    assert scores4 == scores2, (scores2, scores4)
+    for padded, per_site in ((True, 3), (False, 2)):
+        hooks2, scores2 = scoring_ops(2, padded)
+        hooks4, scores4 = scoring_ops(4, padded)
+        assert hooks4 - hooks2 <= per_site * sites_added, (padded, hooks2, hooks4)
+        assert scores4 == scores2, (padded, scores2, scores4)
+
+
+@PATHS
+def test_micro_batches_with_and_without_padding_add_up(monkeypatch, host_side):
+    """Micro-batches with and without padding accumulate to the scores of one batch of all their rows. A
+    padding-free batch skips the mask and counts its tokens on the host, a padded one on the device; the counts
+    add up in either order."""
+    use_path(monkeypatch, host_side)
+    model = tiny_model("BertForSequenceClassification", seed=4)
+    model.train()
+    full_a, padded, full_b = tiny_batch(3), tiny_batch(2), tiny_batch(5)
+    full_a["attention_mask"].fill_(1)
+    full_b["attention_mask"].fill_(1)
+    parts = [
+        (full_a, torch.tensor([1, 1, 0])),
+        (padded, torch.tensor([0, 2, 1])),
+        (full_b, torch.tensor([2, 0, 0])),
+    ]
+    collector = SalienceCollector(model, aptune.describe(model))
+
+    def run(pieces):
+        collector.start()
+        for batch, labels in pieces:  # summed losses: the gradients of the parts add up to the whole's
+            loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels, reduction="sum")
+            loss.backward()
+        inputs = collector.mean_inputs()
+        scores = collector.scores()
+        model.zero_grad()
+        return scores.tensors() + inputs[0] + inputs[1]
+
+    got = run(parts)
+    whole = {k: torch.cat([b[k] for b, _ in parts]) for k in padded}
+    want = run([(whole, torch.cat([y for _, y in parts]))])
+    collector.remove()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
