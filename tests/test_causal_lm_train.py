@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import aptune
 from aptune.cli import main
 from aptune.memory import DEFAULT_CPU_MMAP_THRESHOLD, mmap_threshold_from_environment, on_glibc
-from aptune.train import _token_count
+from aptune.train import _token_count, set_activation_checkpointing
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +181,22 @@ def test_gradient_accumulation_and_checkpointing_train(lm_folder):
     assert report["train_tokens"] == report["steps"] * 2 * 2 * 32
     steps_time = report["train_time_s"] - report["setup_time_s"]
     assert report["train_tokens_per_s"] == pytest.approx(report["train_tokens"] / steps_time)
+
+
+def test_activation_checkpointing_switches_without_deprecation_warnings(lm_folder):
+    """On and off under the installed transformers' own names: no FutureWarning reaches the user."""
+    model = AutoModelForCausalLM.from_pretrained(lm_folder / "model")
+
+    def flagged() -> list:
+        return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        set_activation_checkpointing(model, True)
+        assert flagged()
+        set_activation_checkpointing(model, False)
+        assert not flagged()
+        set_activation_checkpointing(model, False)  # already off: nothing to do
 
 
 def test_eval_command_scores_text_and_multiple_choice(lm_folder, capsys):

@@ -16,6 +16,7 @@ from aptune.config import APTConfig, ConfigError
 from aptune.controller import APTController
 from aptune.salience import BlockScores, SalienceCollector
 from aptune.selection import select_blocks, select_uniform
+from aptune.train import set_activation_checkpointing
 
 VOCAB = 97
 
@@ -278,7 +279,7 @@ def test_salience_counts_each_block_once_under_gradient_checkpointing():
         model = decoder(seed=5)
         add_adapters(model, ("q", "v"), rank=4)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_activation_checkpointing(model, True)
         model.train()
         collector = SalienceCollector(model, describe(model), track_inputs=True)
         collector.start()

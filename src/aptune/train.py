@@ -256,7 +256,7 @@ def prepare(config: TrainConfig) -> Prepared:
     model = load_model(task, model_path, data, config)
     check_supported(config.method, get_spec(model).family)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     return Prepared(model, tokenizer, data.loaders, model_path, task, data)
 
 
@@ -303,8 +303,25 @@ def _empty_copy_of_process_0(model: nn.Module | None, config: TrainConfig) -> nn
         for n, p in empty.named_parameters():  # process 0's dtype for each (bf16 weights, fp32 new heads)
             p.data = p.data.to(getattr(torch, dtypes[n]))
     if config.gradient_checkpointing:
-        empty.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(empty, True)
     return empty
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn non-reentrant activation checkpointing on or off (off: only where it is on), under the name the
+    installed transformers gives it: ``activation_checkpointing_*`` since 5.18, where the older
+    ``gradient_checkpointing_*`` names still work but warn that they go in v6."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        disable = (
+            getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        )
+        disable()
 
 
 def _accelerator(config: TrainConfig):
@@ -723,8 +740,8 @@ def train(
         model.to(WEIGHT_DTYPES[config.dtype])
     for p in model.parameters():
         p.requires_grad_(False)
-    if config.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if config.gradient_checkpointing:
+        set_activation_checkpointing(model, False)
     model.eval()
     if not main_process:  # the model is the same on every process: process 0 evaluates and saves it
         distributed.barrier()
