@@ -224,7 +224,8 @@ def test_killed_during_a_checkpoint_the_previous_one_resumes(task, tmp_path, ref
     flags = KILLED
     # dies after writing the model of the checkpoint at step 8, before its method, optimizer and trainer state
     child = _child(argv(task, out, *flags), DIE_AFTER=os.path.join("step-000008.tmp-*", "model.safetensors"))
-    assert child.wait(timeout=300) == 137, child.stderr.read().decode()[-2000:]
+    _, err = child.communicate(timeout=300)  # reads and closes the pipe
+    assert child.returncode == 137, err.decode()[-2000:]
     complete = list_checkpoints(out)
     assert [s for s, _ in complete] == [2, 4, 6]
     torn = list((out / "checkpoints").glob(".step-000008.tmp-*"))
@@ -248,6 +249,7 @@ def test_sigkill_at_a_random_step_then_resume(task, tmp_path, reference, kill_af
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     assert child.wait(timeout=60) == -signal.SIGKILL
+    child.stderr.close()
     assert not (out / "report.json").exists()
     resumed_at = list_checkpoints(out)[-1][0]
     assert main(argv(task, out, *flags, "--resume")) == 0

@@ -137,10 +137,13 @@ def run_child(
     log_dir.mkdir(parents=True, exist_ok=True)
     out_log, err_log = log_dir / f"{name}.stdout.log", log_dir / f"{name}.stderr.log"
     started = time.perf_counter()
-    with open(out_log, "w") as out, open(err_log, "w") as err:
-        proc = subprocess.Popen(
+    with (
+        open(out_log, "w") as out,
+        open(err_log, "w") as err,
+        subprocess.Popen(  # leaving the block closes the pipe
             command, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, env=env or child_env()
-        )
+        ) as proc,
+    ):
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
