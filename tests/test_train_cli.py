@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -239,6 +240,16 @@ def test_peft_lora_runs_through_the_same_harness(tiny_folder):
     assert first["trainable_params"] == 3 * 2 * 4 * (32 + 32) + (32 * 2 + 2)
     model = aptune.load_pruned(out / "model")
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged at the end
+
+
+def test_peft_lora_attaches_without_library_deprecation_warnings():
+    """PEFT's read of transformers' deprecated checkpointing flag does not reach the user as a FutureWarning."""
+    from aptune.methods.plain import attach_peft_lora
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = attach_peft_lora(tiny_model("BertForSequenceClassification"), 4, ["q", "v"])
+    assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
 @pytest.mark.parametrize("method", ["apt", "lora"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -55,7 +56,12 @@ def attach_peft_lora(model: nn.Module, rank: int, roles: Sequence[str]) -> nn.Mo
         target_modules=targets,
         modules_to_save=list(structure.new_heads) or None,
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' old checkpointing flag, which warns on transformers >= 5.18: not the user's code
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(model, config)
 
 
 class PeftLoRA(Method):
