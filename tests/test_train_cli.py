@@ -242,6 +242,27 @@ def test_peft_lora_runs_through_the_same_harness(tiny_folder):
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged at the end
 
 
+def test_train_help_describes_every_config_flag_from_the_config_source(capsys):
+    """``aptune train --help`` reads each flag's description from its config field's comment (the comment on the
+    field's line, else the comment lines right above it), so the help and the code say the same."""
+    from dataclasses import fields
+
+    from aptune.cli import field_help
+    from aptune.methods.config import BaselineConfig
+
+    for config in (aptune.TrainConfig, aptune.APTConfig, BaselineConfig):
+        described = field_help(config)
+        assert [f.name for f in fields(config) if not described.get(f.name)] == [], config.__name__
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--gradient-checkpointing, --no-gradient-checkpointing recompute activations in backward" in text
+    # a comment above the field, two lines long
+    assert "--one-shot-salience ONE_SHOT_SALIENCE one-shot: how blocks are scored" in text
+    assert "LLM-Pruner's criterion; costs a gradient of every weight) (default: activation)" in text
+    assert "default: min(200, 5% of training) (default: None)" in text  # a percent sign survives argparse
+
+
 def test_peft_lora_attaches_without_library_deprecation_warnings():
     """PEFT's read of transformers' deprecated checkpointing flag does not reach the user as a FutureWarning."""
     from aptune.methods.plain import attach_peft_lora

@@ -8,8 +8,13 @@ the dataclasses so they never drift apart. ``--config FILE`` (JSON or YAML) sets
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import io
 import json
 import sys
+import textwrap
+import tokenize
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -304,13 +309,46 @@ def _flag_type(annotation: str):
 OPTIONAL_VALUES = {"resume": "latest"}
 
 
+def field_help(cls) -> dict[str, str]:
+    """Each field's comment in ``cls``'s source: the comment on its own lines, else the comment lines right above
+    it. The config classes document their fields this way, so ``--help`` reads what the code says."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (a frozen build): flags keep their defaults as help
+        return {}
+    lines = source.splitlines()
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    alone = {n for n in comments if lines[n - 1].lstrip().startswith("#")}
+    body = ast.parse(source).body[0].body
+    found: dict[str, str] = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        own = [
+            comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments and n not in alone
+        ]
+        if not own:
+            n = node.lineno - 1
+            while n in alone:
+                own.insert(0, comments[n])
+                n -= 1
+        if own:
+            found[node.target.id] = " ".join(own)
+    return found
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, dataclass_type, group_title: str) -> None:
     group = parser.add_argument_group(group_title)
+    described = field_help(dataclass_type)
     for f in fields(dataclass_type):
         kind, nargs = _flag_type(str(f.type))
         names = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
         default = f.default if f.default is not MISSING else None
-        help_text = f"(default: {default})"
+        help_text = f"{described[f.name]} " if f.name in described else ""
+        help_text = f"{help_text}(default: {default})".replace("%", "%%")
         if kind is bool:
             group.add_argument(
                 *names,
@@ -327,7 +365,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, dataclass_type, group_tit
                 nargs="?",
                 const=const,
                 default=argparse.SUPPRESS,
-                help=f"(alone: {const}; default: {default})",
+                help=f"{described.get(f.name, '')} (alone: {const}; default: {default})".strip().replace(
+                    "%", "%%"
+                ),
             )
         else:
             group.add_argument(

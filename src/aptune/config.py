@@ -30,9 +30,9 @@ def default_targets(decoder: bool) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class APTConfig:
-    target_density: float = 0.4
-    initial_rank: int = 8
-    max_rank: int = 64
+    target_density: float = 0.4  # share of the prunable parameters kept at the end
+    initial_rank: int = 8  # every adapter's rank at the start
+    max_rank: int = 64  # no adapter grows beyond this rank
     # Fields left as None take the default of the model kind (see ``resolve``): encoders follow the paper's
     # small-model recipe, decoders its LLaMA recipe (spec §2.4, §5.7).
     recipe: str = "auto"  # gradual (encoders) | one-shot (decoders: calibrate, prune once, then tune)
@@ -42,7 +42,7 @@ class APTConfig:
     salience_start: int | None = None  # default: min(200, 5% of training)
     pruning_end: int | None = None  # default: 40% of training
     warmup_end: int | None = None  # default: salience_start + one epoch, capped inside the window
-    num_checkpoints: int = 10
+    num_checkpoints: int = 10  # pruning checkpoints between salience_start and pruning_end
     decay_window: int | None = None  # default: min(200, the shortest checkpoint interval)
     mask_step: float | None = None  # default: 1 / (decay_window / 2) so a drop finishes inside a window
     initial_density: float | None = None  # one-shot: prune to this before the first step (default: target)
@@ -56,23 +56,23 @@ class APTConfig:
     shape: str | None = (
         None  # per-layer | uniform (same heads and FFN width in every layer); default per-layer
     )
-    ffn_multiple: int = 64
+    ffn_multiple: int = 64  # kept FFN neurons per layer: a multiple of this, or all
     head_multiple: int = 1  # kept heads (key/value head units) per layer: a multiple of this, 0, or all
     hidden_multiple: int = 1  # kept hidden channels: a multiple of this, or all
     prune_hidden: bool | None = None  # default: True (encoders); False (decoders)
     # the outlier term: off unless set (measured worse for MiniLM's gradual and SmolLM2's one-shot pruning)
     use_kurtosis: bool | None = None
     kurtosis_weight: float = 1.0  # the outlier term's mean, relative to the mean salience of its block type
-    beta: float = 0.85
-    tuning_expansion: float = 4.0
+    beta: float = 0.85  # weight of the history in the moving averages of salience
+    tuning_expansion: float = 4.0  # the adapters' parameter budget grows to this x its start by pruning_end
     # Self-distillation: off by default. At the 1-3 epoch schedules people run it lowered test accuracy in every
     # measurement (docs/apt.md, "Decisions"); turn it on for long runs.
     distill: bool = False
     distill_end: int | None = None  # default: 75% of training
-    distill_temperature: float = 4.0
-    distill_pred_weight: float = 1.0
-    distill_layer_weight: float = 0.9
-    transform_rank: int = 8
+    distill_temperature: float = 4.0  # softmax temperature of the prediction KL
+    distill_pred_weight: float = 1.0  # weight of the prediction KL in the distillation loss
+    distill_layer_weight: float = 0.9  # weight of the layer (hidden-state) loss in the distillation loss
+    transform_rank: int = 8  # rank of the learned transform between student and teacher hidden states
 
     def __post_init__(self) -> None:
         if not 0 < self.target_density <= 1:

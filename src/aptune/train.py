@@ -71,32 +71,36 @@ class TrainConfig:
         None  # classification | causal-lm | qa | seq2seq; default: inferred from the data and the model
     )
     data: str | None = None  # a data set name ("rt-polarity"), a folder of split files, or a hub name
-    train: str | None = None
-    validation: str | None = None
-    test: str | None = None
-    text_fields: tuple[str, ...] | None = None  # default: detected (text, sentence, premise+hypothesis, ...);
-    # for a causal LM, the one column of plain text to model
-    label_field: str = "label"
+    train: str | None = (
+        None  # a training file (.jsonl, .json, .csv, .tsv, .parquet; .txt for a causal LM), instead of --data
+    )
+    validation: str | None = None  # a validation file, with --train
+    test: str | None = None  # a test file, with --train: scored once at the end
+    # default: detected (text, sentence, premise+hypothesis, ...); for a causal LM, the one column of plain text
+    text_fields: tuple[str, ...] | None = None
+    label_field: str = "label"  # classification: the column of labels
     tokenizer: str | None = None  # defaults to the model folder
-    output_dir: str = "runs/aptune"
+    output_dir: str = "runs/aptune"  # OUTPUT/model (the final model), OUTPUT/report.json, checkpoints
     method: str = "apt"  # apt | full | lora | lora-prune | loraprune | llm-pruner (see aptune.methods)
     lora_rank: int = 8  # the baselines' LoRA rank (alpha = 2 x rank)
-    lora_targets: tuple[str, ...] | None = None  # the baselines' LoRA roles; default per method (q, v; all
-    # projections for loraprune, whose importance needs an adapter on each)
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    max_length: int = 64
+    # the baselines' LoRA roles; default per method (q, v; all projections for loraprune, whose importance needs
+    # an adapter on each)
+    lora_targets: tuple[str, ...] | None = None
+    epochs: float = 3.0  # passes over the training data (fractions allowed)
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedules follow it)
+    batch_size: int = 32  # rows per micro-batch
+    eval_batch_size: int = 128  # rows per evaluation batch
+    max_length: int = 64  # tokens per row (a causal LM: per packed block)
     learning_rate: float | None = None  # default per method: apt 1e-3, full 5e-5, LoRA-based 5e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.01  # AdamW's
+    warmup_ratio: float = 0.06  # share of the steps with a linearly rising learning rate
+    max_grad_norm: float = 1.0  # gradient clipping (0: none)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (APT decides once per step)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
-    chunked_lm_loss: bool = True  # causal LM: the training loss without the vocabulary-sized logits
-    # (aptune.tasks.lm_loss; the same loss, computed a chunk of tokens at a time)
-    evals_per_epoch: int = 2
+    # causal LM: the training loss without the vocabulary-sized logits (aptune.tasks.lm_loss; the same loss,
+    # computed a chunk of tokens at a time)
+    chunked_lm_loss: bool = True
+    evals_per_epoch: int = 2  # validations per epoch (the final model takes the best one's trained weights)
     max_target_length: int = (
         128  # seq2seq: target tokens kept in training, new tokens generated in evaluation
     )
@@ -105,18 +109,19 @@ class TrainConfig:
     eval_stride: int | None = None  # causal LM: held-out perplexity stride (default max_length / 2)
     eval_mc: tuple[str, ...] = ()  # causal LM: multiple-choice files scored at the end
     eval_limit: int | None = None  # causal LM: rows per multiple-choice file (default: all)
-    seed: int = 0
+    seed: int = 0  # data order, initialisation and dropout
     mixed_precision: str = "no"  # "no" or "bf16"
     dtype: str = (
         "float32"  # the frozen weights' dtype: float32 | bfloat16 (half the memory; implies bf16 compute)
     )
     cpu: bool = False  # force CPU even when a GPU is present
     fsdp: bool = False  # shard the frozen weights over the processes (FSDP2; apt and lora)
-    cpu_mmap_threshold: int = DEFAULT_CPU_MMAP_THRESHOLD  # CPU runs: glibc's mmap threshold in bytes, fixed
-    # so that freed activations go back to the system (aptune.memory.set_mmap_threshold); 0 leaves glibc's
-    # own moving threshold. MALLOC_MMAP_THRESHOLD_ in the environment wins.
+    # CPU runs: glibc's mmap threshold in bytes, fixed so that freed activations go back to the system
+    # (aptune.memory.set_mmap_threshold); 0 leaves glibc's own moving threshold. MALLOC_MMAP_THRESHOLD_ in the
+    # environment wins.
+    cpu_mmap_threshold: int = DEFAULT_CPU_MMAP_THRESHOLD
     measure_speed: bool = True  # time dense vs final model at inference after training
-    progress: bool = True
+    progress: bool = True  # a progress bar while training
     save_every: int | None = None  # write a resumable checkpoint every N optimizer steps
     keep_checkpoints: int = 2  # how many of the newest checkpoints to keep (the newest is never deleted)
     resume: str | None = None  # "latest" (the newest checkpoint in output_dir), a checkpoint or a run folder

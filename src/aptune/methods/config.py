@@ -27,11 +27,10 @@ class BaselineConfig:
     )
     # llm-pruner: share of the steps that trains LoRA and the task head before the one-shot pruning
     prune_warmup: float = 0.05
-    # loraprune: pruning window (shares of training), number of pruning steps in it, moving-average weight
-    iterative_start: float = 0.05
-    iterative_end: float = 0.4
-    iterative_steps: int = 10
-    importance_beta: float = 0.9
+    iterative_start: float = 0.05  # loraprune: where its pruning window starts, as a share of the steps
+    iterative_end: float = 0.4  # loraprune: where its pruning window ends, as a share of the steps
+    iterative_steps: int = 10  # loraprune: pruning steps inside the window
+    importance_beta: float = 0.9  # loraprune: weight of the history in the moving average of importance
 
     def __post_init__(self) -> None:
         if self.pretune_epochs is not None and self.pretune_epochs <= 0:
