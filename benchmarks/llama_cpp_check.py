@@ -161,10 +161,20 @@ def main() -> None:
     script = Path(args.convert)
     if not script.is_file():
         parser.error(f"--convert: no such file: {script}")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        parser.error("llama.cpp's Python bindings are missing: pip install llama-cpp-python")
+    missing = [p for p in args.pruned if not Path(p).is_dir()]
+    if missing:
+        parser.error(f"no such model folder: {', '.join(missing)}")
     folders = {_name(Path(p)): Path(p) for p in args.pruned}
     first = next(iter(folders.values()))
     if args.dense:
-        folders["dense"] = Path(packaged_path(args.dense) if not Path(args.dense).exists() else args.dense)
+        dense = Path(args.dense) if Path(args.dense).is_dir() else packaged_path(args.dense)
+        if dense is None:
+            parser.error(f"--dense: neither a folder nor a packaged model: {args.dense}")
+        folders["dense"] = Path(dense)
     result: dict = {
         "command": " ".join(["python", "benchmarks/llama_cpp_check.py", *sys.argv[1:]]),
         "converter": "llama.cpp's convert_hf_to_gguf.py (with its own gguf-py), --outtype f32",

@@ -34,8 +34,8 @@ Cost: per hooked site, a few length-``d`` vectors that stay on the model's devic
 from activations in their own dtype, with one reduction per site in the forward and one in the backward (a
 fused 1-norm on accelerators), plus a mask multiply in the forward when the batch has padding. The only host
 read is whether the attention mask has padding, once per forward, which transformers reads too. Turning the
-sums into scores takes a fixed number of batched kernels, however many layers. The outlier term needs one transient ``d_out x d_in`` product per output
-projection, once per selection.
+sums into scores takes a fixed number of batched kernels, however many layers. The outlier term needs one
+transient ``d_out x d_in`` product per output projection, once per selection.
 """
 
 from __future__ import annotations
